@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from naive_reference import naive_generate
+from tiny import byte_tokenizer, tiny_model
+from tmfast import GenerationConfig, GenerationError, MaturationEngine
+from tmfast.config import ConfigError
+
+PROMPTS = [[5, 6, 7, 8, 9], [1], [3, 4, 20, 21, 22, 23, 24, 25, 26], [40, 41]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.mark.parametrize("K", [1, 4, 16])
+@pytest.mark.parametrize("s", [1.0, 2.0])
+def test_cached_engine_matches_naive_reference(model, K, s):
+    g = GenerationConfig(max_new_tokens=24, tail=K, guidance=s, alpha_max=0.7, seed=3)
+    results = MaturationEngine(model).generate(PROMPTS, g)
+    produced = [t for r in results for t in r.token_ids]
+    assert len(set(produced)) >= 6, "degenerate test model: the comparison would prove little"
+    for prompt, r in zip(PROMPTS, results):
+        assert r.token_ids == naive_generate(model, prompt, g)
+        assert r.finish_reason == "length" and len(r.token_ids) == 24
+
+
+def test_guidance_changes_the_tail(model):
+    g1 = GenerationConfig(max_new_tokens=24, tail=16, guidance=1.0, alpha_max=0.7, seed=3)
+    g2 = GenerationConfig(max_new_tokens=24, tail=16, guidance=2.0, alpha_max=0.7, seed=3)
+    eng = MaturationEngine(model)
+    assert [r.token_ids for r in eng.generate(PROMPTS, g1)] != [r.token_ids for r in eng.generate(PROMPTS, g2)]
+
+
+def test_same_seed_same_text_other_seed_other_text(model):
+    eng = MaturationEngine(model)
+    g = GenerationConfig(max_new_tokens=20, tail=8, alpha_max=0.5, seed=11)
+    a = [r.token_ids for r in eng.generate(PROMPTS, g)]
+    b = [r.token_ids for r in MaturationEngine(model).generate(PROMPTS, g)]
+    assert a == b
+    others = [[r.token_ids for r in eng.generate(PROMPTS, GenerationConfig(
+        max_new_tokens=20, tail=8, alpha_max=0.5, seed=s))] for s in (12, 13)]
+    assert any(o != a for o in others)
+
+
+def test_sequence_is_the_same_alone_and_inside_a_batch(model):
+    gens = [GenerationConfig(max_new_tokens=16, tail=K, guidance=s, alpha_max=0.6, seed=seed)
+            for K, s, seed in ((4, 2.0, 1), (16, 2.0, 2), (1, 2.0, 3), (8, 1.5, 4))]
+    eng = MaturationEngine(model)
+    batched = eng.generate(PROMPTS, gens)
+    for prompt, g, r in zip(PROMPTS, gens, batched):
+        alone = MaturationEngine(model).generate([prompt], g)[0]
+        assert r.token_ids == alone.token_ids == naive_generate(model, prompt, g)
+
+
+def test_compiled_step_never_recompiles_and_matches_eager(model):
+    torch._dynamo.reset()
+    g = GenerationConfig(max_new_tokens=12, tail=4, guidance=2.0, alpha_max=0.7, seed=5)
+    eager = [r.token_ids for r in MaturationEngine(model).generate(PROMPTS, g)]
+    eng = MaturationEngine(model, compile=True)
+    first = [r.token_ids for r in eng.generate(PROMPTS, g)]  # compiles once, on the first step
+    assert first == eager
+    # every later step, and a second request of the same shapes, must reuse that graph
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = [r.token_ids for r in eng.generate(PROMPTS, GenerationConfig(
+            max_new_tokens=12, tail=4, guidance=2.0, alpha_max=0.7, seed=6))]
+    assert len(again) == len(PROMPTS)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_stops_on_eos_and_stop_strings_and_length():
+    tok = byte_tokenizer()
+    model = tiny_model(vocab_size=tok.get_vocab_size(), eos_token_id=None)
+    eng = MaturationEngine(model, tok)
+    g = GenerationConfig(max_new_tokens=30, tail=4, alpha_max=0.7, seed=1)
+    base = eng.generate(["Hello there"], g)[0]
+    assert base.finish_reason == "length" and len(base.token_ids) == 30
+    # EOS: make the 6th committed token the EOS id; generation ends just before it
+    eos = base.token_ids[5]
+    first = base.token_ids.index(eos)
+    model.config.eos_token_id = eos
+    r = eng.generate(["Hello there"], g)[0]
+    assert r.finish_reason == "eos" and r.token_ids == base.token_ids[:first]
+    model.config.eos_token_id = None
+    # stop string: a piece of the text; the result ends right before it
+    stop = base.text[10:13]
+    r = eng.generate(["Hello there"], GenerationConfig(max_new_tokens=30, tail=4, alpha_max=0.7, seed=1,
+                                                       stop=(stop,)))[0]
+    assert r.finish_reason == "stop" and r.text == base.text[:base.text.find(stop)]
+
+
+def test_bad_requests_raise_clear_errors(model):
+    eng = MaturationEngine(model, byte_tokenizer())
+    with pytest.raises(GenerationError, match="empty"):
+        eng.generate(["   "])
+    with pytest.raises(GenerationError, match="empty"):
+        eng.generate([[]])
+    with pytest.raises(GenerationError, match="token ids"):
+        eng.generate([[1, 2, 500]])
+    with pytest.raises(ConfigError, match="tail length"):
+        GenerationConfig(tail=0)
+    with pytest.raises(ConfigError, match="guidance"):
+        GenerationConfig(guidance=float("nan"))
+    with pytest.raises(GenerationError, match="k_max"):
+        eng.generate([[1, 2]], GenerationConfig(tail=17))
+    with pytest.raises(GenerationError, match="does not fit"):
+        eng.generate([list(range(1, 97)) + [1] * 40], GenerationConfig(tail=4))
+    with pytest.raises(GenerationError, match="at most"):
+        eng.generate([[1, 2, 3]], GenerationConfig(tail=4, max_new_tokens=200))
+
+
+def test_show_tail_reports_live_slots(model):
+    events = []
+    g = GenerationConfig(max_new_tokens=5, tail=6, alpha_max=0.7, seed=1)
+    MaturationEngine(model).generate([[1, 2, 3]], g, on_step=events.append, show_tail=True)
+    assert len(events) == 5
+    assert all(len(ev.tail_tokens[0]) == 5 and ev.delta_norm.shape == (1, 6) for ev in events)

@@ -1,0 +1,135 @@
+"""`tmfast generate …` — the command line over the engine."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ConfigError, GenerationConfig
+from .engine import GenerationError, MaturationEngine, StepEvent
+
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_CHECKPOINT = ASSETS / "maturation"
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tmfast", description="Token Maturation generation engine")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("prompt", nargs="?", help="the prompt (or use --batch-file)")
+    g.add_argument("--checkpoint", help=f"checkpoint directory (default: the shipped model, {DEFAULT_CHECKPOINT})")
+    g.add_argument("--batch-file", help="a file of prompts, one per line (blank lines skipped)")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--tail", type=int, default=16, help="liquid tail length K (1 = projected AR)")
+    g.add_argument("--guidance", type=_finite_float, default=1.0, help="guidance scale s (1 = off)")
+    g.add_argument("--alpha-max", type=_finite_float, default=None, help="front-slot step size α_max")
+    g.add_argument("--embryo-scale", type=_finite_float, default=None, help="embryo norm / table radius")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--show-tail", action="store_true", help="redraw committed text + the tail's nearest tokens each step")
+    g.add_argument("--json", action="store_true", help="print results as JSON lines")
+    g.add_argument("--compile", action="store_true", help="torch.compile the generation step")
+    g.add_argument("--impl", choices=("auto", "triton", "torch"), default=None, help="kernel implementation")
+    g.add_argument("--device", default="cpu")
+    return p
+
+
+def _prompts(args) -> list[str]:
+    if args.batch_file is not None:
+        if args.prompt is not None:
+            raise UsageError("give a prompt or --batch-file, not both")
+        path = Path(args.batch_file)
+        if not path.is_file():
+            raise UsageError(f"batch file not found: {path}")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"batch file has no prompts: {path}")
+        return prompts
+    if args.prompt is None or not args.prompt.strip():
+        raise UsageError("prompt is empty")
+    return [args.prompt]
+
+
+def _load(args):
+    if args.checkpoint is not None:
+        return load_checkpoint(args.checkpoint, device=args.device)
+    if not DEFAULT_CHECKPOINT.is_dir():
+        raise CheckpointError(f"no default model installed at {DEFAULT_CHECKPOINT}; pass --checkpoint DIR")
+    return load_checkpoint(DEFAULT_CHECKPOINT, device=args.device)
+
+
+def _live_view(engine: MaturationEngine, prompts: list[str], out):
+    tty = out.isatty()
+
+    def draw(ev: StepEvent):
+        lines = []
+        for b, text in enumerate(ev.texts):
+            tail = "" if ev.tail_tokens is None else " ".join(
+                repr(engine.decode([t])) for t in ev.tail_tokens[b])
+            lines.append(f"[{ev.step:4d}] {prompts[b]}{text}  ⟨{tail}⟩")
+        if tty:
+            out.write("\x1b[H\x1b[J" + "\n".join(lines) + "\n")
+        else:
+            out.write("\n".join(lines) + "\n")
+        out.flush()
+    return draw
+
+
+def cmd_generate(args, out=None) -> int:
+    out = out or sys.stdout
+    prompts = _prompts(args)
+    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, tail=args.tail, guidance=args.guidance,
+                      seed=args.seed, stop=tuple(args.stop))
+    if args.alpha_max is not None:
+        gen_kwargs["alpha_max"] = args.alpha_max
+    if args.embryo_scale is not None:
+        gen_kwargs["embryo_scale"] = args.embryo_scale
+    gen = GenerationConfig(**gen_kwargs)  # validates before the (slower) model load
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise CheckpointError("the checkpoint has no tokenizer.json; text prompts need one")
+    engine = MaturationEngine(model, tokenizer, compile=args.compile, impl=args.impl)
+    on_step = _live_view(engine, prompts, out) if args.show_tail else None
+    results = engine.generate(prompts, gen, on_step=on_step, show_tail=args.show_tail)
+    for prompt, r in zip(prompts, results):
+        if args.json:
+            out.write(json.dumps({"prompt": prompt, "text": r.text, "token_ids": r.token_ids,
+                                  "finish_reason": r.finish_reason}) + "\n")
+        else:
+            out.write(prompt + r.text + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+    except (UsageError, ConfigError, GenerationError, CheckpointError) as e:
+        print(f"tmfast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tmfast: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

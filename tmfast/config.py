@@ -1,0 +1,113 @@
+"""Model and generation settings: plain dataclasses that round-trip through JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value a user gave is invalid."""
+
+
+def _from_dict(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+    return cls(**d)
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the continuous-state Transformer (GPT-2 architecture)."""
+
+    vocab_size: int = 4096
+    n_positions: int = 512  # context length, committed prefix + tail
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    layer_norm_epsilon: float = 1e-5
+    dropout: float = 0.0
+    k_max: int = 64  # largest tail length the K-conditioning knows
+    table_radius: float = 1.0  # R: every table row has this l2 norm (when normalised)
+    table_normalised: bool = True  # False only for the AR baseline's free embedding
+    table_trainable: bool = False  # frozen by default (the paper's setting)
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "k_max"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not (self.table_radius > 0 and math.isfinite(self.table_radius)):
+            raise ConfigError(f"table_radius must be positive and finite, got {self.table_radius!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return _from_dict(cls, d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of one generation run (per sequence where the engine allows)."""
+
+    max_new_tokens: int = 64
+    tail: int = 16  # K, liquid tail length; K=1 is projected autoregression
+    guidance: float = 1.0  # s; 1 means no unconditional pass
+    alpha_max: float = 1.0  # step size / maturity of the front slot
+    alpha_min: float | None = None  # back slot; None → alpha_max / K
+    embryo_scale: float = 0.1  # embryo norm as a fraction of the table radius
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.tail, int) or self.tail < 1:
+            raise ConfigError(f"tail length K must be an integer >= 1, got {self.tail!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.guidance):
+            raise ConfigError(f"guidance must be finite, got {self.guidance!r}")
+        if not (0 < self.alpha_max <= 1):
+            raise ConfigError(f"alpha_max must be in (0, 1], got {self.alpha_max!r}")
+        if self.alpha_min is not None and not (0 < self.alpha_min <= self.alpha_max):
+            raise ConfigError(f"alpha_min must be in (0, alpha_max], got {self.alpha_min!r}")
+        if not (self.embryo_scale >= 0 and math.isfinite(self.embryo_scale)):
+            raise ConfigError(f"embryo_scale must be >= 0 and finite, got {self.embryo_scale!r}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if any(not s for s in self.stop):
+            raise ConfigError("stop strings must be non-empty")
+
+    def alpha_profile(self) -> list[float]:
+        """Per-slot α, front (index 0) to back: linear from alpha_max down to alpha_min."""
+        k = self.tail
+        lo = self.alpha_max / k if self.alpha_min is None else self.alpha_min
+        if k == 1:
+            return [self.alpha_max]
+        return [self.alpha_max + (lo - self.alpha_max) * i / (k - 1) for i in range(k)]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationConfig":
+        return _from_dict(cls, d)
