@@ -56,6 +56,7 @@ def test_sequence_is_the_same_alone_and_inside_a_batch(model):
 
 def test_compiled_step_never_recompiles_and_matches_eager(model):
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     g = GenerationConfig(max_new_tokens=12, tail=4, guidance=2.0, alpha_max=0.7, seed=5)
     eager = [r.token_ids for r in MaturationEngine(model).generate(PROMPTS, g)]
     eng = MaturationEngine(model, compile=True)

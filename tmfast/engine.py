@@ -44,7 +44,7 @@ class StepEvent:
     committed: list[int | None]  # token committed this step, per sequence (None: finished)
     tail_tokens: list[list[int]] | None = None  # nearest token of each live tail slot, front first
     delta_norm: torch.Tensor | None = None  # (B, K) ‖Δz̃‖ of this step's update
-    texts: list[str] = field(default_factory=list)  # committed text so far, per sequence
+    texts: list[str] = field(default_factory=list)  # committed text so far (kept when show_tail or stop strings)
 
 
 class EmbryoStream:
@@ -272,7 +272,7 @@ class MaturationEngine:
                     reasons[b], active_list[b] = "eos", False
                     continue
                 out_ids[b].append(tok)
-                if self.tokenizer is not None:
+                if self.tokenizer is not None and (g.stop or show_tail):  # else decode once at the end
                     texts[b] = self.decode(out_ids[b])
                     cut = min((texts[b].find(s) for s in g.stop if s in texts[b]), default=-1)
                     if cut >= 0:
@@ -288,4 +288,5 @@ class MaturationEngine:
             yield StepEvent(step, committed, tail_tokens, delta, list(texts))
             step += 1
 
-        return [GenerationResult(ids[b], out_ids[b], texts[b], reasons[b]) for b in range(B)]
+        return [GenerationResult(ids[b], out_ids[b], texts[b] if reasons[b] == "stop" else self.decode(out_ids[b]),
+                                 reasons[b]) for b in range(B)]
