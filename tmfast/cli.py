@@ -48,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the generation step")
     g.add_argument("--impl", choices=("auto", "triton", "torch"), default=None, help="kernel implementation")
     g.add_argument("--device", default="cpu")
+
+    sv = sub.add_parser("serve", help="serve /v1/completions over HTTP (continuous batching)")
+    sv.add_argument("--checkpoint", help=f"checkpoint directory (default: {DEFAULT_CHECKPOINT})")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences stepped together")
+    sv.add_argument("--k-window", type=int, default=16, help="largest tail length a request may ask for")
+    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429s")
+    sv.add_argument("--compile", action="store_true")
+    sv.add_argument("--impl", choices=("auto", "triton", "torch"), default=None)
+    sv.add_argument("--device", default="cpu")
     return p
 
 
@@ -81,8 +92,9 @@ def _live_view(engine: MaturationEngine, prompts: list[str], out):
     def draw(ev: StepEvent):
         lines = []
         for b, text in enumerate(ev.texts):
-            tail = "" if ev.tail_tokens is None else " ".join(
-                repr(engine.decode([t])) for t in ev.tail_tokens[b])
+            # slot 0 is the token just committed; the rest are still liquid
+            tail = "" if not ev.tail_tokens or not ev.tail_tokens[b] else " ".join(
+                repr(engine.decode([t])) for t in ev.tail_tokens[b][1:])
             lines.append(f"[{ev.step:4d}] {prompts[b]}{text}  ⟨{tail}⟩")
         if tty:
             out.write("\x1b[H\x1b[J" + "\n".join(lines) + "\n")
@@ -117,11 +129,28 @@ def cmd_generate(args, out=None) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .engine import Engine
+    from .server import serve
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise CheckpointError("the checkpoint has no tokenizer.json; the server needs one")
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, k_window=args.k_window,
+                    max_queue=args.max_queue, compile=args.compile, impl=args.impl)
+    name = Path(args.checkpoint).name if args.checkpoint else "tmfast-default"
+    serve(engine, args.host, args.port, model_name=name)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except (UsageError, ConfigError, GenerationError, CheckpointError) as e:
         print(f"tmfast: error: {e}", file=sys.stderr)
         return 2

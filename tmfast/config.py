@@ -9,7 +9,11 @@ from pathlib import Path
 
 
 class ConfigError(ValueError):
-    """A configuration value a user gave is invalid."""
+    """A configuration value a user gave is invalid; `param` names the field when known."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def _from_dict(cls, d: dict):
@@ -41,11 +45,11 @@ class ModelConfig:
         for name in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "k_max"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}", name)
         if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})", "n_embd")
         if not (self.table_radius > 0 and math.isfinite(self.table_radius)):
-            raise ConfigError(f"table_radius must be positive and finite, got {self.table_radius!r}")
+            raise ConfigError(f"table_radius must be positive and finite, got {self.table_radius!r}", "table_radius")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,22 +82,22 @@ class GenerationConfig:
 
     def __post_init__(self):
         if not isinstance(self.tail, int) or self.tail < 1:
-            raise ConfigError(f"tail length K must be an integer >= 1, got {self.tail!r}")
+            raise ConfigError(f"tail length K must be an integer >= 1, got {self.tail!r}", "tail")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}", "max_new_tokens")
         if not math.isfinite(self.guidance):
-            raise ConfigError(f"guidance must be finite, got {self.guidance!r}")
+            raise ConfigError(f"guidance must be finite, got {self.guidance!r}", "guidance")
         if not (0 < self.alpha_max <= 1):
-            raise ConfigError(f"alpha_max must be in (0, 1], got {self.alpha_max!r}")
+            raise ConfigError(f"alpha_max must be in (0, 1], got {self.alpha_max!r}", "alpha_max")
         if self.alpha_min is not None and not (0 < self.alpha_min <= self.alpha_max):
-            raise ConfigError(f"alpha_min must be in (0, alpha_max], got {self.alpha_min!r}")
+            raise ConfigError(f"alpha_min must be in (0, alpha_max], got {self.alpha_min!r}", "alpha_min")
         if not (self.embryo_scale >= 0 and math.isfinite(self.embryo_scale)):
-            raise ConfigError(f"embryo_scale must be >= 0 and finite, got {self.embryo_scale!r}")
+            raise ConfigError(f"embryo_scale must be >= 0 and finite, got {self.embryo_scale!r}", "embryo_scale")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
         if any(not s for s in self.stop):
-            raise ConfigError("stop strings must be non-empty")
+            raise ConfigError("stop strings must be non-empty", "stop")
 
     def alpha_profile(self) -> list[float]:
         """Per-slot α, front (index 0) to back: linear from alpha_max down to alpha_min."""

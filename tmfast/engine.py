@@ -1,6 +1,6 @@
 """The generation engine: prefill, the maturation step, stopping, batch state.
 
-One step, for every sequence b of the batch (fixed shapes, positions as data):
+One step, for every slot b of the batch (fixed shapes, positions as data):
   window  = [last committed vector | K tail slots | K tail slots again if guided]
   forward = one call; the committed vector's K/V land in the static cache at its
             position, the tail's K/V are transient (they occupy slots that later
@@ -9,44 +9,123 @@ One step, for every sequence b of the batch (fixed shapes, positions as data):
   update  = z̃ += α(ẑ − z̃)                      (csrc_triton.maturation_update)
   commit  = argmax_j <z̃_front, e_j>, snap to e_j (csrc_triton.nn_commit)
   shift   = drop the front, new embryo at the back of this sequence's K slots
-Sequences may have different prompt lengths, tail lengths K ≤ the window's, guidance
-and seeds; slots past a sequence's K are dead (α = 0, nobody attends to them).
+Slots may hold sequences of different prompt lengths, tail lengths K ≤ the window,
+guidance and seeds; tail slots past a sequence's own K are dead (α = 0, attended by
+nobody), and idle batch slots are computed but never change.
+
+Layers, bottom up:
+  decode_step / prefill   pure functions over tensors (what torch.compile sees)
+  DecodeBatch             max_batch slots of fixed-shape state over one static KV cache
+  Sequence                one request's bookkeeping: ids, text, stopping, text deltas
+  Engine                  continuous batching: add_request / step / abort, events
+  MaturationEngine        closed batches: generate(prompts) / stream(prompts)
 """
 from __future__ import annotations
 
+import asyncio
+import itertools
 import math
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator, Sequence as Seq
 
 import torch
 
 from csrc_triton import maturation_update, nn_commit
 
-from .config import ConfigError, GenerationConfig
+from .config import GenerationConfig
 from .model import TMModel
 
 
 class GenerationError(ValueError):
-    """A generation request that cannot be served as asked."""
+    """A generation request that cannot be served as asked; `param` names the field when known."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
-@dataclass
-class GenerationResult:
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "eos" | "stop" | "length"
+class QueueFullError(GenerationError):
+    """The engine's request queue is full; retry later."""
 
 
-@dataclass
-class StepEvent:
-    step: int
-    committed: list[int | None]  # token committed this step, per sequence (None: finished)
-    tail_tokens: list[list[int]] | None = None  # nearest token of each live tail slot, front first
-    delta_norm: torch.Tensor | None = None  # (B, K) ‖Δz̃‖ of this step's update
-    texts: list[str] = field(default_factory=list)  # committed text so far (kept when show_tail or stop strings)
+# --------------------------------------------------------------------------------------
+# the two compiled-friendly functions
+# --------------------------------------------------------------------------------------
+def prefill(model: TMModel, x: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write the K/V of committed vectors x (n, T, d) (right-padded) into cache rows `rows`, slots 0..T-1."""
+    n, T, _ = x.shape
+    slots = model.blocks[0].attn.kv_cache.k.shape[1]
+    t = torch.arange(T, device=x.device)
+    mask = (torch.arange(slots, device=x.device).view(1, 1, 1, -1) <= t.view(1, 1, T, 1))
+    model.hidden(x, pos=t.expand(n, T), alpha=torch.ones(n, T, device=x.device), k=k, mask=mask,
+                 cache_slots=t.expand(n, T), cache_rows=rows)
 
 
+def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, embryo,
+                n_slots: int, guided: bool, impl: str | None = None, probe: bool = False,
+                entropy_tau: float | None = None):
+    """One maturation step for the whole batch. Shapes never change between steps.
+
+    last (B,d) committed vector at position length-1; tail (B,Kw,d) front first;
+    length (B,) committed count P; k (B,) tail lengths ≤ Kw; alpha (B,Kw) (0 on dead slots);
+    guidance (B,); active (B,) bool; embryo (B,d) the vector appended this step.
+    n_slots: cache slots for positions (the unconditional stream's scratch slots follow).
+    probe: also return each tail slot's nearest token (and, with entropy_tau, the entropy of
+    softmax(cos(z̃,E)/τ)), measured after the update and before the shift (slot 0 = committed).
+    Returns (last, tail, length, committed ids, ‖Δz̃‖, ‖z̃‖, commit score, probe ids, probe entropy).
+    """
+    B, Kw, d = tail.shape
+    dev = tail.device
+    j = torch.arange(Kw, device=dev)
+    P = length.view(B, 1)
+
+    pos = torch.cat([P - 1, P + j], dim=1)  # c0, tail
+    slot, lo, hi = pos, torch.zeros_like(pos), pos
+    x = torch.cat([last.unsqueeze(1), tail], dim=1)
+    a_in = torch.cat([torch.ones(B, 1, device=dev), alpha], dim=1)
+    if guided:  # unconditional tail: same positions, scratch slots, sees only the tail
+        scratch = (n_slots + j).expand(B, Kw)
+        pos = torch.cat([pos, P + j], dim=1)
+        slot = torch.cat([slot, scratch], dim=1)
+        lo = torch.cat([lo, torch.full_like(scratch, n_slots)], dim=1)
+        hi = torch.cat([hi, scratch], dim=1)
+        x = torch.cat([x, tail], dim=1)
+        a_in = torch.cat([a_in, alpha], dim=1)
+    s = torch.arange(model.blocks[0].attn.kv_cache.k.shape[1], device=dev).view(1, 1, -1)
+    mask = ((s >= lo.unsqueeze(-1)) & (s <= hi.unsqueeze(-1))).unsqueeze(1)
+
+    out = model(x, pos=pos.clamp(max=model.config.n_positions - 1), alpha=a_in, k=k, mask=mask,
+                cache_slots=slot)
+    pred_c = out[:, :Kw]
+    pred_u = torch.cat([out[:, :1], out[:, 1 + Kw:2 * Kw]], dim=1) if guided else None
+
+    tail = tail.clone()
+    delta_norm, tail_norm = maturation_update(
+        tail, pred_c, alpha * active.unsqueeze(1), pred_uncond=pred_u,
+        guidance=guidance if guided else None, impl=impl)
+    table = model.table.weight
+    idx, score, _, _ = nn_commit(tail[:, 0], table, impl=impl)
+    probe_ids = probe_entropy = None
+    if probe:  # a separate call: probing must never change what is committed
+        probe_ids, _, _, probe_entropy = nn_commit(tail.reshape(B * Kw, d), table,
+                                                   entropy_tau=entropy_tau, impl=impl)
+        probe_ids = probe_ids.view(B, Kw)
+        probe_entropy = probe_entropy.view(B, Kw) if probe_entropy is not None else None
+
+    shifted = torch.cat([tail[:, 1:], embryo.unsqueeze(1)], dim=1)
+    shifted = torch.where((j == (k - 1).unsqueeze(1)).unsqueeze(-1), embryo.unsqueeze(1), shifted)
+    act = active.view(B, 1)
+    new_tail = torch.where(act.unsqueeze(-1), shifted, tail)
+    new_last = torch.where(act, model.table(idx), last)
+    return (new_last, new_tail, length + active.long(), idx, delta_norm, tail_norm, score,
+            probe_ids, probe_entropy)
+
+
+# --------------------------------------------------------------------------------------
+# batch state
+# --------------------------------------------------------------------------------------
 class EmbryoStream:
     """Per-sequence source of embryo vectors: a function of (seed, draw index) only,
     so a sequence's embryos do not depend on the batch it runs in."""
@@ -69,135 +148,430 @@ class EmbryoStream:
         return torch.cat(out)
 
 
-# --------------------------------------------------------------------------------------
-# the two compiled-friendly functions
-# --------------------------------------------------------------------------------------
-def prefill(model: TMModel, ids: torch.Tensor, k: torch.Tensor) -> None:
-    """Write the K/V of prompt tokens ids (B, T) (right-padded) into cache slots 0..T-1."""
-    B, T = ids.shape
-    slots = model.blocks[0].attn.kv_cache.k.shape[1]
-    t = torch.arange(T, device=ids.device)
-    mask = (torch.arange(slots, device=ids.device).view(1, 1, 1, -1) <= t.view(1, 1, T, 1))
-    model.hidden(model.table(ids), pos=t.expand(B, T), alpha=torch.ones(B, T, device=ids.device),
-                 k=k, mask=mask, cache_slots=t.expand(B, T))
+@dataclass
+class StepOutput:
+    committed: list[int]  # per slot (meaningful for the slots that were active)
+    delta_norm: torch.Tensor  # (B, Kw)
+    tail_ids: list[list[int]] | None
+    tail_entropy: torch.Tensor | None
 
 
-def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, embryo,
-                n_slots: int, guided: bool, impl: str | None = None):
-    """One maturation step for the whole batch. Shapes never change between steps.
+class DecodeBatch:
+    """max_batch slots of fixed-shape decoding state over one static KV cache.
 
-    last (B,d) committed vector at position length-1; tail (B,Kw,d) front first;
-    length (B,) committed count P; k (B,) tail lengths ≤ Kw; alpha (B,Kw) (0 on dead slots);
-    guidance (B,); active (B,) bool; embryo (B,d) the vector appended this step.
-    Returns (last, tail, length, committed ids, ‖Δz̃‖, ‖z̃‖, commit score).
+    max_len: cache slots for positions; a sequence needs prompt + new tokens + k_window − 1
+    of them. The cache holds k_window scratch slots more for the unconditional stream.
     """
-    B, Kw, d = tail.shape
-    dev = tail.device
-    j = torch.arange(Kw, device=dev)
-    P = length.view(B, 1)
-    max_pos = model.config.n_positions - 1
 
-    pos = torch.cat([P - 1, P + j], dim=1)  # c0, tail
-    slot = pos
-    lo = torch.zeros_like(pos)
-    hi = pos
-    x = torch.cat([last.unsqueeze(1), tail], dim=1)
-    a_in = torch.cat([torch.ones(B, 1, device=dev), alpha], dim=1)
-    if guided:  # unconditional tail: same positions, scratch slots, sees only the tail
-        scratch = (n_slots + j).expand(B, Kw)
-        pos = torch.cat([pos, P + j], dim=1)
-        slot = torch.cat([slot, scratch], dim=1)
-        lo = torch.cat([lo, torch.full_like(scratch, n_slots)], dim=1)
-        hi = torch.cat([hi, scratch], dim=1)
-        x = torch.cat([x, tail], dim=1)
-        a_in = torch.cat([a_in, alpha], dim=1)
-    s = torch.arange(model.blocks[0].attn.kv_cache.k.shape[1], device=dev).view(1, 1, -1)
-    mask = ((s >= lo.unsqueeze(-1)) & (s <= hi.unsqueeze(-1))).unsqueeze(1)
+    def __init__(self, model: TMModel, max_batch: int, max_len: int, k_window: int, step_fn,
+                 impl: str | None = None):
+        self.model, self.step_fn, self.impl = model, step_fn, impl
+        self.max_batch, self.max_len, self.k_window = max_batch, max_len, k_window
+        model.setup_caches(max_batch, max_len + k_window)
+        self._caches = [b.attn.kv_cache for b in model.blocks]
+        p = model.table.weight
+        dev, dt, d = p.device, p.dtype, model.config.n_embd
+        self.last = torch.zeros(max_batch, d, device=dev, dtype=dt)
+        self.tail = torch.zeros(max_batch, k_window, d, device=dev, dtype=dt)
+        self.length = torch.ones(max_batch, dtype=torch.long, device=dev)
+        self.k = torch.ones(max_batch, dtype=torch.long, device=dev)
+        self.alpha = torch.zeros(max_batch, k_window, device=dev)
+        self.guidance = torch.ones(max_batch, device=dev)
+        self.active = [False] * max_batch
+        self.guided = [False] * max_batch
+        self.embryos: list[EmbryoStream | None] = [None] * max_batch
 
-    out = model(x, pos=pos.clamp(max=max_pos), alpha=a_in, k=k, mask=mask, cache_slots=slot)
-    pred_c = out[:, :Kw]
-    pred_u = torch.cat([out[:, :1], out[:, 1 + Kw:2 * Kw]], dim=1) if guided else None
+    def _own_caches(self) -> None:
+        """Another batch over the same model may have installed its caches: put ours back."""
+        if self.model.blocks[0].attn.kv_cache is not self._caches[0]:
+            for block, cache in zip(self.model.blocks, self._caches):
+                block.attn.kv_cache = cache
 
-    tail = tail.clone()
-    delta_norm, tail_norm = maturation_update(
-        tail, pred_c, alpha * active.unsqueeze(1), pred_uncond=pred_u,
-        guidance=guidance if guided else None, impl=impl)
-    idx, score, _, _ = nn_commit(tail[:, 0], model.table.weight, impl=impl)
+    def free_slots(self) -> list[int]:
+        return [b for b in range(self.max_batch) if not self.active[b]]
 
-    shifted = torch.cat([tail[:, 1:], embryo.unsqueeze(1)], dim=1)
-    shifted = torch.where((j == (k - 1).unsqueeze(1)).unsqueeze(-1), embryo.unsqueeze(1), shifted)
-    act = active.view(B, 1)
-    new_tail = torch.where(act.unsqueeze(-1), shifted, tail)
-    new_last = torch.where(act, model.table(idx), last)
-    return new_last, new_tail, length + active.long(), idx, delta_norm, tail_norm, score
+    @torch.no_grad()
+    def admit(self, items: list[tuple[int, torch.Tensor, GenerationConfig]]) -> None:
+        """Start sequences: (slot, committed prompt vectors (T,d), settings); one batched prefill."""
+        if not items:
+            return
+        self._own_caches()
+        cfg, dev = self.model.config, self.tail.device
+        T_pre = max(len(v) for _, v, _ in items) - 1
+        rows = torch.tensor([slot for slot, _, _ in items], device=dev)
+        if T_pre > 0:
+            x = torch.zeros(len(items), T_pre, cfg.n_embd, dtype=self.tail.dtype, device=dev)
+            for i, (_, v, _) in enumerate(items):
+                x[i, :len(v) - 1] = v[:-1]
+            prefill(self.model, x, torch.tensor([g.tail for _, _, g in items], device=dev), rows)
+        for slot, v, g in items:
+            stream = EmbryoStream(g.seed, cfg.n_embd, g.embryo_scale * cfg.table_radius)
+            self.embryos[slot] = stream
+            self.last[slot] = v[-1]
+            self.tail[slot].zero_()
+            self.tail[slot, :g.tail] = stream.take(g.tail).to(dev, self.tail.dtype)
+            self.length[slot] = len(v)
+            self.k[slot] = g.tail
+            self.alpha[slot].zero_()
+            self.alpha[slot, :g.tail] = torch.tensor(g.alpha_profile())
+            self.guidance[slot] = g.guidance
+            self.active[slot] = True
+            self.guided[slot] = g.guidance != 1.0
+
+    def release(self, slot: int) -> None:
+        self.active[slot] = self.guided[slot] = False
+        self.embryos[slot] = None
+
+    @torch.no_grad()
+    def step(self, probe: bool = False, entropy_tau: float | None = None) -> StepOutput:
+        self._own_caches()
+        dev, d = self.tail.device, self.tail.shape[-1]
+        zeros = torch.zeros(d)
+        embryo = torch.stack([e.take(1)[0] if e is not None and a else zeros
+                              for e, a in zip(self.embryos, self.active)]).to(dev, self.tail.dtype)
+        active = torch.tensor(self.active, device=dev)
+        # the unconditional stream is only computed while some active sequence asks for guidance
+        guided = any(g and a for g, a in zip(self.guided, self.active))
+        (self.last, self.tail, self.length, idx, delta, _, _, probe_ids, probe_ent) = self.step_fn(
+            self.model, self.last, self.tail, self.length, self.k, self.alpha, self.guidance, active,
+            embryo, n_slots=self.max_len, guided=guided, impl=self.impl, probe=probe,
+            entropy_tau=entropy_tau)
+        return StepOutput(idx.tolist(), delta, probe_ids.tolist() if probe_ids is not None else None,
+                          probe_ent)
 
 
 # --------------------------------------------------------------------------------------
-# the engine
+# requests
 # --------------------------------------------------------------------------------------
+def prompt_vectors(model: TMModel, tokenizer, prompt) -> tuple[list[int] | None, torch.Tensor]:
+    """(token ids or None, committed vectors (T,d)) for a text, token-id or vector prompt."""
+    cfg, table = model.config, model.table.weight
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 2 or prompt.shape[1] != cfg.n_embd or prompt.shape[0] == 0:
+            raise GenerationError(f"prompt vectors must have shape (T>0, {cfg.n_embd}), "
+                                  f"got {tuple(prompt.shape)}", "prompt")
+        if not torch.isfinite(prompt).all():
+            raise GenerationError("prompt vectors must be finite", "prompt")
+        return None, prompt.detach().to(table.device, table.dtype)
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise GenerationError("prompt is empty", "prompt")
+        if tokenizer is None:
+            raise GenerationError("this engine has no tokenizer: pass token ids or vectors", "prompt")
+        ids = tokenizer.encode(prompt).ids
+    else:
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise GenerationError("prompt must be a string, a list of token ids or a (T, d) tensor",
+                                  "prompt") from None
+    if not ids:
+        raise GenerationError("prompt is empty", "prompt")
+    if min(ids) < 0 or max(ids) >= cfg.vocab_size:
+        raise GenerationError(f"token ids must lie in [0, {cfg.vocab_size})", "prompt")
+    return ids, model.table(torch.tensor(ids, device=table.device))
+
+
+def check_fits(cfg, n_prompt: int, g: GenerationConfig, max_len: int | None = None,
+               k_window: int | None = None) -> None:
+    """Reject up front what would not fit: never truncate silently."""
+    kw = g.tail if k_window is None else k_window
+    if g.tail > cfg.k_max:
+        raise GenerationError(f"tail length K={g.tail} exceeds the model's k_max={cfg.k_max}", "tail")
+    if g.tail > kw:
+        raise GenerationError(f"tail length K={g.tail} exceeds this engine's tail window of {kw}", "tail")
+    room = cfg.n_positions - n_prompt - g.tail + 1
+    if max_len is not None:
+        room = min(room, max_len - n_prompt - kw + 1)
+    if room < 1:
+        raise GenerationError(f"prompt of {n_prompt} tokens plus a tail of K={g.tail} does not fit "
+                              f"the model context of {cfg.n_positions} positions", "prompt")
+    if g.max_new_tokens > room:
+        raise GenerationError(f"prompt ({n_prompt} tokens) + max_new_tokens ({g.max_new_tokens}) + "
+                              f"tail − 1 exceeds the context; at most {room} new tokens fit", "max_new_tokens")
+
+
+class Sequence:
+    """One request: its committed tokens, its text, when it stops, what to stream next."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int] | None, n_prompt: int, gen: GenerationConfig,
+                 tokenizer, eos_token_id: int | None, track_text: bool):
+        self.id, self.prompt_ids, self.n_prompt, self.gen = request_id, prompt_ids, n_prompt, gen
+        self.tokenizer, self.eos = tokenizer, eos_token_id
+        self.track_text = tokenizer is not None and (track_text or bool(gen.stop))
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.slot = -1
+        self._emitted = 0  # characters of text already streamed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def commit(self, tok: int) -> None:
+        g = self.gen
+        if g.stop_at_eos and self.eos is not None and tok == self.eos:
+            self.finish_reason = "eos"
+            return
+        self.token_ids.append(tok)
+        if self.track_text:
+            self.text = self.tokenizer.decode(self.token_ids)
+            cut = min((self.text.find(s) for s in g.stop if s in self.text), default=-1)
+            if cut >= 0:
+                self.text, self.finish_reason = self.text[:cut], "stop"
+                return
+        if len(self.token_ids) >= g.max_new_tokens:
+            self.finish_reason = "length"
+
+    def final_text(self) -> str:
+        if self.tokenizer is None:
+            return ""
+        if self.finish_reason != "stop":
+            self.text = self.tokenizer.decode(self.token_ids)
+        return self.text
+
+    def text_delta(self) -> str:
+        """New text that is safe to stream: held back while it ends in an incomplete UTF-8
+        character or in what may become a stop string."""
+        text = self.final_text() if self.finished else self.text
+        end = len(text)
+        if not self.finished:
+            while end > self._emitted and text[end - 1] == "\ufffd":
+                end -= 1
+            for s in self.gen.stop:
+                for n in range(min(len(s) - 1, end - self._emitted), 0, -1):
+                    if text[end - n:end] == s[:n]:
+                        end -= n
+                        break
+        delta, self._emitted = text[self._emitted:end], max(self._emitted, end)
+        return delta
+
+
+@dataclass
+class RequestEvent:
+    """What one request did in one engine step."""
+    request_id: str
+    token_ids: list[int]  # committed this step (empty when the step committed EOS or nothing)
+    text: str  # new text to append
+    finished: bool = False
+    finish_reason: str | None = None  # "eos" | "stop" | "length" | "abort"
+    tail_tokens: list[int] | None = None  # nearest token per tail slot (return_tail)
+    tail_entropy: list[float] | None = None  # per tail slot (return_stats)
+    delta_norm: list[float] | None = None  # ‖Δz̃‖ per tail slot (return_stats)
+    vectors: torch.Tensor | None = None  # committed vectors (return_vectors)
+    error: str | None = None  # with finish_reason "error"
+
+
+@dataclass
+class _Pending:
+    seq: Sequence
+    vectors: torch.Tensor
+    return_tail: bool
+    return_stats: bool
+    return_vectors: bool
+
+
+class Engine:
+    """Continuous batching over a static KV cache of `max_batch` slots.
+
+    add_request() queues a request (token ids, text, or raw prompt vectors); step()
+    admits queued requests into free slots, advances every active request by one
+    maturation step and returns their events; abort() ends one. A request's output is
+    the same whatever else runs beside it. Not thread-safe: serialise calls (the HTTP
+    server runs one loop thread).
+    """
+
+    def __init__(self, model: TMModel | str | Path, tokenizer=None, *, max_batch: int = 8,
+                 max_len: int | None = None, k_window: int = 16, max_queue: int = 64,
+                 compile: bool = False, compile_mode: str | None = None, impl: str | None = None,
+                 entropy_tau: float = 1.0, track_text: bool = True):
+        if isinstance(model, (str, Path)):
+            from .checkpoint import load_checkpoint
+            model, loaded_tok = load_checkpoint(model)
+            tokenizer = tokenizer or loaded_tok
+        cfg = model.config
+        if not 1 <= k_window <= cfg.k_max:
+            raise GenerationError(f"k_window must lie in [1, k_max={cfg.k_max}], got {k_window}")
+        if max_batch < 1 or max_queue < 0:
+            raise GenerationError("max_batch must be >= 1 and max_queue >= 0")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_len = max_len or cfg.n_positions + k_window - 1
+        self.max_queue, self.entropy_tau, self.track_text = max_queue, entropy_tau, track_text
+        step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=compile_mode) \
+            if compile else decode_step
+        self.batch = DecodeBatch(model, max_batch, self.max_len, k_window, step_fn, impl)
+        self.queue: deque[_Pending] = deque()
+        self.running: dict[int, _Pending] = {}  # slot → request
+        self._aborted: list[RequestEvent] = []
+        self._ids = itertools.count()
+
+    # -- requests ----------------------------------------------------------------------
+    def add_request(self, prompt, params: GenerationConfig | dict | None = None, *,
+                    request_id: str | None = None, return_tail: bool = False, return_stats: bool = False,
+                    return_vectors: bool = False) -> str:
+        """Queue a request; it joins the batch at the next step with a free slot. Returns its id."""
+        g = params if isinstance(params, GenerationConfig) else GenerationConfig.from_dict(params or {})
+        ids, vectors = prompt_vectors(self.model, self.tokenizer, prompt)
+        check_fits(self.model.config, len(vectors), g, self.max_len, self.batch.k_window)
+        if g.stop and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer", "stop")
+        if len(self.queue) >= self.max_queue:  # after validation: a bad request hears what is wrong
+            raise QueueFullError(f"request queue is full ({self.max_queue} waiting); retry later")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if any(p.seq.id == rid for p in itertools.chain(self.queue, self.running.values())):
+            raise GenerationError(f"request id {rid!r} is already in use")
+        seq = Sequence(rid, ids, len(vectors), g, self.tokenizer, self.model.config.eos_token_id,
+                       self.track_text)
+        self.queue.append(_Pending(seq, vectors, return_tail, return_stats, return_vectors))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """End a request now (queued or running); its last event has finish_reason 'abort'."""
+        for p in list(self.queue):
+            if p.seq.id == request_id:
+                self.queue.remove(p)
+                break
+        else:
+            for slot, p in list(self.running.items()):
+                if p.seq.id == request_id:
+                    self.batch.release(slot)
+                    del self.running[slot]
+                    break
+            else:
+                return False
+        p.seq.finish_reason = "abort"
+        self._aborted.append(RequestEvent(request_id, [], p.seq.text_delta(), True, "abort"))
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue or self.running or self._aborted)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # -- the loop ----------------------------------------------------------------------
+    def step(self) -> list[RequestEvent]:
+        """Admit what fits, advance every running request by one step, return their events."""
+        events, self._aborted = self._aborted, []
+        admitted = []
+        for slot in self.batch.free_slots():
+            if not self.queue:
+                break
+            p = self.queue.popleft()
+            p.seq.slot = slot
+            self.running[slot] = p
+            admitted.append((slot, p.vectors, p.seq.gen))
+        self.batch.admit(admitted)
+        if not self.running:
+            return events
+        want_tail = any(p.return_tail or p.return_stats for p in self.running.values())
+        want_stats = any(p.return_stats for p in self.running.values())
+        out = self.batch.step(probe=want_tail, entropy_tau=self.entropy_tau if want_stats else None)
+        for slot, p in list(self.running.items()):
+            try:
+                ev = self._event(p, slot, out)
+            except Exception as e:  # one request's failure (say, its text decoding) ends only that request
+                p.seq.finish_reason = "error"
+                ev = RequestEvent(p.seq.id, [], "", True, "error", error=f"{type(e).__name__}: {e}")
+            events.append(ev)
+            if ev.finished:
+                self.batch.release(slot)
+                del self.running[slot]
+        return events
+
+    def _event(self, p: _Pending, slot: int, out: StepOutput) -> RequestEvent:
+        seq = p.seq
+        seq.commit(out.committed[slot])
+        committed = seq.token_ids[-1:] if seq.finish_reason != "eos" else []
+        ev = RequestEvent(seq.id, committed, seq.text_delta() if seq.track_text or seq.finished else "",
+                          seq.finished, seq.finish_reason)
+        K = seq.gen.tail
+        if p.return_tail:
+            ev.tail_tokens = out.tail_ids[slot][:K]
+        if p.return_stats:
+            ev.tail_entropy = out.tail_entropy[slot, :K].tolist()
+            ev.delta_norm = out.delta_norm[slot, :K].tolist()
+        if p.return_vectors and committed:
+            ev.vectors = self.model.table.weight[committed].detach().cpu()
+        return ev
+
+    def fail_running(self, message: str) -> list[RequestEvent]:
+        """End every running request with an error (after a failed step); queued ones stay."""
+        events = []
+        for slot, p in list(self.running.items()):
+            p.seq.finish_reason = "error"
+            events.append(RequestEvent(p.seq.id, [], "", True, "error", error=message))
+            self.batch.release(slot)
+            del self.running[slot]
+        return events
+
+    def run(self) -> Iterator[RequestEvent]:
+        """Step until every request is done, yielding events as they come."""
+        while self.has_work:
+            yield from self.step()
+
+    async def arun(self) -> AsyncIterator[RequestEvent]:
+        """Async form of run(): each step runs in a worker thread, the event loop stays free."""
+        while self.has_work:
+            for ev in await asyncio.to_thread(self.step):
+                yield ev
+
+
+# --------------------------------------------------------------------------------------
+# closed batches
+# --------------------------------------------------------------------------------------
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int] | None
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "eos" | "stop" | "length"
+
+
+@dataclass
+class StepEvent:
+    step: int
+    committed: list[int | None]  # token committed this step, per sequence (None: finished or EOS)
+    tail_tokens: list[list[int]] | None = None  # nearest token per tail slot after the update, front first
+    tail_entropy: list[list[float]] | None = None  # entropy of softmax(cos(z̃,E)/τ) per tail slot
+    delta_norm: list[list[float]] | None = None  # ‖Δz̃‖ per tail slot
+    texts: list[str] = field(default_factory=list)  # committed text so far (when show_tail or stop strings)
+
+
 class MaturationEngine:
-    """Batched Token Maturation over a TMModel with a static KV cache.
-
-    compile=True wraps the step in torch.compile(fullgraph=True); the step's shapes
-    depend only on (batch, cache slots, tail window, guided), so it compiles once per
-    such setup and never again between steps.
+    """Generate for a whole batch of prompts at once (the continuous-batching Engine,
+    sized to the batch). compile=True wraps the step in torch.compile(fullgraph=True); it
+    compiles once per (batch size, cache length, tail window, guided) and never between steps.
     """
 
     def __init__(self, model: TMModel, tokenizer=None, *, compile: bool = False,
                  compile_mode: str | None = None, impl: str | None = None):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.impl = impl
-        self.compile = compile
-        self._step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=compile_mode) \
-            if compile else decode_step
-        self._cache_shape = None
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.compile, self.compile_mode, self.impl = compile, compile_mode, impl
+        self._engine: Engine | None = None
+        self._shape = None
 
-    @property
-    def device(self):
-        return self.model.table.weight.device
-
-    # -- input handling ----------------------------------------------------------------
-    def encode(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise GenerationError("prompt is empty")
-        if self.tokenizer is None:
-            raise GenerationError("this engine has no tokenizer: pass token ids")
-        return self.tokenizer.encode(prompt).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Seq[int]) -> str:
         return self.tokenizer.decode(list(ids)) if self.tokenizer is not None else ""
 
-    def _check_request(self, ids: list[int], g: GenerationConfig) -> None:
-        cfg = self.model.config
-        if len(ids) == 0:
-            raise GenerationError("prompt is empty")
-        if min(ids) < 0 or max(ids) >= cfg.vocab_size:
-            raise GenerationError(f"token ids must lie in [0, {cfg.vocab_size})")
-        if g.tail > cfg.k_max:
-            raise GenerationError(f"tail length K={g.tail} exceeds the model's k_max={cfg.k_max}")
-        room = cfg.n_positions - len(ids) - g.tail + 1
-        if room < 1:
-            raise GenerationError(
-                f"prompt of {len(ids)} tokens plus a tail of K={g.tail} does not fit the model "
-                f"context of {cfg.n_positions} positions")
-        if g.max_new_tokens > room:
-            raise GenerationError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({g.max_new_tokens}) + tail K={g.tail} - 1 "
-                f"exceeds the context of {cfg.n_positions}; at most {room} new tokens fit")
+    def _engine_for(self, batch: int, max_len: int, k_window: int, track_text: bool) -> Engine:
+        shape = (batch, max_len, k_window)
+        if self._shape != shape:  # caches and compiled step are reused while the shape holds
+            self._engine = Engine(self.model, self.tokenizer, max_batch=batch, max_len=max_len,
+                                  k_window=k_window, max_queue=batch, compile=self.compile,
+                                  compile_mode=self.compile_mode, impl=self.impl)
+            self._shape = shape
+        self._engine.track_text = track_text
+        return self._engine
 
-    def _setup(self, batch: int, n_slots: int, k_window: int, guided: bool) -> None:
-        shape = (batch, n_slots, k_window, guided)
-        if self._cache_shape != shape:  # allocate once per setup, not per call
-            self.model.setup_caches(batch, n_slots + (k_window if guided else 0))
-            self._cache_shape = shape
-
-    # -- generation --------------------------------------------------------------------
-    def generate(self, prompts, gen: GenerationConfig | Sequence[GenerationConfig] | None = None,
-                 on_step: Callable[[StepEvent], None] | None = None, show_tail: bool = False
-                 ) -> list[GenerationResult]:
-        """Generate for a batch of prompts (strings or token-id lists); returns one result each."""
-        stream = self.stream(prompts, gen, show_tail=show_tail)
+    def generate(self, prompts, gen: GenerationConfig | Seq[GenerationConfig] | None = None,
+                 on_step: Callable[[StepEvent], None] | None = None, show_tail: bool = False,
+                 entropy_tau: float | None = None) -> list[GenerationResult]:
+        """Generate for a batch of prompts (strings, token-id lists or (T,d) tensors)."""
+        stream = self.stream(prompts, gen, show_tail=show_tail, entropy_tau=entropy_tau)
         while True:
             try:
                 ev = next(stream)
@@ -206,87 +580,56 @@ class MaturationEngine:
             if on_step is not None:
                 on_step(ev)
 
-    @torch.no_grad()
-    def stream(self, prompts, gen=None, show_tail: bool = False
+    def stream(self, prompts, gen=None, show_tail: bool = False, entropy_tau: float | None = None
                ) -> Iterator[StepEvent]:
-        """Yield a StepEvent per maturation step; the generator's return value is the results."""
-        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+        """Yield a StepEvent per step; the generator's return value is the list of results.
+        entropy_tau: also report per-slot entropy and ‖Δz̃‖ (implies the tail probe)."""
+        if isinstance(prompts, (str, torch.Tensor)) or (len(prompts) and isinstance(prompts[0], int)):
             prompts = [prompts]
-        if not prompts:
+        if not len(prompts):
             raise GenerationError("no prompts given")
         B = len(prompts)
-        gens = [gen or GenerationConfig()] * B if not isinstance(gen, (list, tuple)) else list(gen)
+        gens = list(gen) if isinstance(gen, (list, tuple)) else [gen or GenerationConfig()] * B
         if len(gens) != B:
             raise GenerationError(f"{len(gens)} generation configs for {B} prompts")
-        ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-        for i, g in zip(ids, gens):
-            self._check_request(i, g)
-
-        cfg, dev = self.model.config, self.device
-        d, R = cfg.n_embd, cfg.table_radius
-        Kw = max(g.tail for g in gens)
-        guided = any(g.guidance != 1.0 for g in gens)
-        n_slots = max(len(i) + g.max_new_tokens + Kw for i, g in zip(ids, gens))
-        self._setup(B, n_slots, Kw, guided)
-
-        k = torch.tensor([g.tail for g in gens], device=dev)
-        alpha = torch.zeros(B, Kw)
-        for b, g in enumerate(gens):
-            alpha[b, :g.tail] = torch.tensor(g.alpha_profile())
-        alpha = alpha.to(dev)
-        guidance = torch.tensor([g.guidance for g in gens], dtype=torch.float32, device=dev)
-        embryos = [EmbryoStream(g.seed, d, g.embryo_scale * R) for g in gens]
-        tail = torch.zeros(B, Kw, d)
-        for b, g in enumerate(gens):
-            tail[b, :g.tail] = embryos[b].take(g.tail)
-        tail = tail.to(dev, self.model.table.weight.dtype)
-
-        T_pre = max(len(i) for i in ids) - 1
-        if T_pre > 0:
-            padded = torch.zeros(B, T_pre, dtype=torch.long)
-            for b, i in enumerate(ids):
-                padded[b, :len(i) - 1] = torch.tensor(i[:-1])
-            prefill(self.model, padded.to(dev), k)
-        last = self.model.table(torch.tensor([i[-1] for i in ids], device=dev))
-        length = torch.tensor([len(i) for i in ids], device=dev)
-        active_list = [True] * B
-        out_ids: list[list[int]] = [[] for _ in range(B)]
-        texts = [""] * B
-        reasons = [""] * B
-
+        parsed = [prompt_vectors(self.model, self.tokenizer, p) for p in prompts]
+        for (_, v), g in zip(parsed, gens):  # before anything is allocated
+            check_fits(self.model.config, len(v), g)
+        # size the engine to this batch: every request fits, nothing is allocated twice
+        kw = max(g.tail for g in gens)
+        max_len = max(len(v) + g.max_new_tokens for (_, v), g in zip(parsed, gens)) + kw - 1
+        show = show_tail or entropy_tau is not None
+        engine = self._engine_for(B, max_len, kw, track_text=show_tail)
+        order = [engine.add_request(v, g, return_tail=show, return_stats=entropy_tau is not None)
+                 for (_, v), g in zip(parsed, gens)]
+        seqs = [p.seq for p in engine.queue]
+        for seq, (ids, _) in zip(seqs, parsed):  # results report the prompt's token ids
+            seq.prompt_ids = ids
+        saved_tau = engine.entropy_tau
+        engine.entropy_tau = entropy_tau if entropy_tau is not None else saved_tau
+        index = {rid: b for b, rid in enumerate(order)}
         step = 0
-        while any(active_list):
-            active = torch.tensor(active_list, device=dev)
-            embryo = torch.stack([e.take(1)[0] for e in embryos]).to(dev, tail.dtype)
-            last, tail, length, idx, delta, _, _ = self._step(
-                self.model, last, tail, length, k, alpha, guidance, active, embryo,
-                n_slots=n_slots, guided=guided, impl=self.impl)
-            idx_list = idx.tolist()
-            committed: list[int | None] = [None] * B
-            for b in range(B):
-                if not active_list[b]:
-                    continue
-                tok, g = idx_list[b], gens[b]
-                committed[b] = tok
-                if g.stop_at_eos and cfg.eos_token_id is not None and tok == cfg.eos_token_id:
-                    reasons[b], active_list[b] = "eos", False
-                    continue
-                out_ids[b].append(tok)
-                if self.tokenizer is not None and (g.stop or show_tail):  # else decode once at the end
-                    texts[b] = self.decode(out_ids[b])
-                    cut = min((texts[b].find(s) for s in g.stop if s in texts[b]), default=-1)
-                    if cut >= 0:
-                        texts[b], reasons[b], active_list[b] = texts[b][:cut], "stop", False
-                        continue
-                if len(out_ids[b]) >= g.max_new_tokens:
-                    reasons[b], active_list[b] = "length", False
-            tail_tokens = None
-            if show_tail:
-                tail_ids = nn_commit(tail.reshape(B * Kw, d), self.model.table.weight, impl=self.impl)[0]
-                tail_ids = tail_ids.view(B, Kw).tolist()
-                tail_tokens = [tail_ids[b][:gens[b].tail - 1] for b in range(B)]  # back slot = fresh embryo
-            yield StepEvent(step, committed, tail_tokens, delta, list(texts))
-            step += 1
-
-        return [GenerationResult(ids[b], out_ids[b], texts[b] if reasons[b] == "stop" else self.decode(out_ids[b]),
-                                 reasons[b]) for b in range(B)]
+        try:
+            while engine.has_work:
+                events = engine.step()
+                ev = StepEvent(step, [None] * B)
+                if show:
+                    ev.tail_tokens = [[] for _ in range(B)]
+                if entropy_tau is not None:
+                    ev.tail_entropy, ev.delta_norm = [[] for _ in range(B)], [[] for _ in range(B)]
+                for e in events:
+                    b = index[e.request_id]
+                    ev.committed[b] = e.token_ids[0] if e.token_ids else None
+                    if show:
+                        ev.tail_tokens[b] = e.tail_tokens
+                    if entropy_tau is not None:
+                        ev.tail_entropy[b], ev.delta_norm[b] = e.tail_entropy, e.delta_norm
+                ev.texts = [seq.text for seq in seqs]
+                yield ev
+                step += 1
+        finally:
+            engine.entropy_tau = saved_tau
+            for rid in order:  # a consumer that stops early leaves nothing running
+                engine.abort(rid)
+            engine._aborted.clear()
+        return [GenerationResult(s.prompt_ids, s.token_ids, s.final_text(), s.finish_reason) for s in seqs]

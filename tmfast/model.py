@@ -72,12 +72,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """slots (B,W) long; k, v (B,W,H,hd). Returns the full (B,H,S,hd) views to attend over."""
-        rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1).expand_as(slots)
-        self.k.index_put_((rows, slots), k)
-        self.v.index_put_((rows, slots), v)
-        return self.k.transpose(1, 2), self.v.transpose(1, 2)
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
+        """slots (n,W) long; k, v (n,W,H,hd); rows (n,) the cache rows (default: all, in order).
+        Returns the (n,H,S,hd) cache views of those rows to attend over."""
+        if rows is None:
+            r = torch.arange(k.shape[0], device=k.device).unsqueeze(1).expand_as(slots)
+            self.k.index_put_((r, slots), k)
+            self.v.index_put_((r, slots), v)
+            return self.k.transpose(1, 2), self.v.transpose(1, 2)
+        r = rows.unsqueeze(1).expand_as(slots)
+        self.k.index_put_((r, slots), k)
+        self.v.index_put_((r, slots), v)
+        return self.k[rows].transpose(1, 2), self.v[rows].transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -90,13 +96,13 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, mask, cache_slots=None):
+    def forward(self, x, mask, cache_slots=None, cache_rows=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
         if cache_slots is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         else:
-            k, v = self.kv_cache.write(cache_slots, k, v)
+            k, v = self.kv_cache.write(cache_slots, k, v, cache_rows)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -121,8 +127,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, cache_slots=None):
-        x = x + self.drop(self.attn(self.ln_1(x), mask, cache_slots))
+    def forward(self, x, mask, cache_slots=None, cache_rows=None):
+        x = x + self.drop(self.attn(self.ln_1(x), mask, cache_slots, cache_rows))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -162,14 +168,14 @@ class TMModel(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # -- the forward ------------------------------------------------------------------
-    def hidden(self, x, pos=None, alpha=None, k=None, mask=None, cache_slots=None):
+    def hidden(self, x, pos=None, alpha=None, k=None, mask=None, cache_slots=None, cache_rows=None):
         """Final hidden states (after ln_f) for input vectors x (B,T,d).
 
         pos (B,T) or (T,) positions (default arange); alpha (B,T) maturity, None = no
         maturity conditioning; k (B,) tail lengths, None = no FiLM; mask: bool (B|1,1,T,S)
         with True = may attend (default causal; required with cache_slots);
         cache_slots (B,T): write K/V into the static cache at these slots and attend
-        over the whole cache.
+        over the whole cache; cache_rows (B,): which cache rows (default: rows 0..B-1).
         """
         B, T, _ = x.shape
         if pos is None:
@@ -184,12 +190,12 @@ class TMModel(nn.Module):
         for i, block in enumerate(self.blocks):
             if film is not None:
                 h = h * (1 + film[i, 0]) + film[i, 1]
-            h = block(h, mask, cache_slots)
+            h = block(h, mask, cache_slots, cache_rows)
         return self.ln_f(h)
 
-    def forward(self, x, pos=None, alpha=None, k=None, mask=None, cache_slots=None):
+    def forward(self, x, pos=None, alpha=None, k=None, mask=None, cache_slots=None, cache_rows=None):
         """Predicted next-slot vectors (B,T,d)."""
-        return self.vector_head(self.hidden(x, pos, alpha, k, mask, cache_slots))
+        return self.vector_head(self.hidden(x, pos, alpha, k, mask, cache_slots, cache_rows))
 
     # -- static KV cache ----------------------------------------------------------------
     def setup_caches(self, batch: int, slots: int, dtype=None, device=None):
