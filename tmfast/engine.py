@@ -65,13 +65,14 @@ def prefill(model: TMModel, x: torch.Tensor, k: torch.Tensor, rows: torch.Tensor
 
 def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, embryo,
                 n_slots: int, guided: bool, impl: str | None = None, probe: bool = False,
-                entropy_tau: float | None = None):
+                entropy_tau: float | None = None, rows: torch.Tensor | None = None):
     """One maturation step for the whole batch. Shapes never change between steps.
 
     last (B,d) committed vector at position length-1; tail (B,Kw,d) front first;
     length (B,) committed count P; k (B,) tail lengths ≤ Kw; alpha (B,Kw) (0 on dead slots);
     guidance (B,); active (B,) bool; embryo (B,d) the vector appended this step.
     n_slots: cache slots for positions (the unconditional stream's scratch slots follow).
+    rows (B,): the KV-cache rows these B sequences own (default: rows 0..B-1).
     probe: also return each tail slot's nearest token (and, with entropy_tau, the entropy of
     softmax(cos(z̃,E)/τ)), measured after the update and before the shift (slot 0 = committed).
     Returns (last, tail, length, committed ids, ‖Δz̃‖, ‖z̃‖, commit score, probe ids, probe entropy).
@@ -97,7 +98,7 @@ def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, 
     mask = ((s >= lo.unsqueeze(-1)) & (s <= hi.unsqueeze(-1))).unsqueeze(1)
 
     out = model(x, pos=pos.clamp(max=model.config.n_positions - 1), alpha=a_in, k=k, mask=mask,
-                cache_slots=slot)
+                cache_slots=slot, cache_rows=rows)
     pred_c = out[:, :Kw]
     pred_u = torch.cat([out[:, :1], out[:, 1 + Kw:2 * Kw]], dim=1) if guided else None
 
@@ -222,22 +223,58 @@ class DecodeBatch:
         self.active[slot] = self.guided[slot] = False
         self.embryos[slot] = None
 
+    def _bucket_rows(self) -> list[int] | None:
+        """The slots to step: the active ones padded with idle ones to a power of two, so a
+        lightly loaded batch does not compute every slot (None: all slots)."""
+        live = [b for b in range(self.max_batch) if self.active[b]]
+        size = 1
+        while size < len(live):
+            size *= 2
+        if size >= self.max_batch:
+            return None
+        idle = [b for b in range(self.max_batch) if not self.active[b]]
+        return live + idle[:size - len(live)]
+
     @torch.no_grad()
     def step(self, probe: bool = False, entropy_tau: float | None = None) -> StepOutput:
         self._own_caches()
         dev, d = self.tail.device, self.tail.shape[-1]
+        rows = self._bucket_rows()
+        slots = range(self.max_batch) if rows is None else rows
         zeros = torch.zeros(d)
-        embryo = torch.stack([e.take(1)[0] if e is not None and a else zeros
-                              for e, a in zip(self.embryos, self.active)]).to(dev, self.tail.dtype)
-        active = torch.tensor(self.active, device=dev)
+        embryo = torch.stack([self.embryos[b].take(1)[0] if self.active[b] else zeros
+                              for b in slots]).to(dev, self.tail.dtype)
+        active = torch.tensor([self.active[b] for b in slots], device=dev)
         # the unconditional stream is only computed while some active sequence asks for guidance
         guided = any(g and a for g, a in zip(self.guided, self.active))
-        (self.last, self.tail, self.length, idx, delta, _, _, probe_ids, probe_ent) = self.step_fn(
-            self.model, self.last, self.tail, self.length, self.k, self.alpha, self.guidance, active,
-            embryo, n_slots=self.max_len, guided=guided, impl=self.impl, probe=probe,
-            entropy_tau=entropy_tau)
-        return StepOutput(idx.tolist(), delta, probe_ids.tolist() if probe_ids is not None else None,
-                          probe_ent)
+        state = (self.last, self.tail, self.length, self.k, self.alpha, self.guidance)
+        r = None
+        if rows is not None:
+            r = torch.tensor(rows, device=dev)
+            state = tuple(t[r] for t in state)
+        last, tail, length, k, alpha, guidance = state
+        (last, tail, length, idx, delta, _, _, probe_ids, probe_ent) = self.step_fn(
+            self.model, last, tail, length, k, alpha, guidance, active, embryo, n_slots=self.max_len,
+            guided=guided, impl=self.impl, probe=probe, entropy_tau=entropy_tau, rows=r)
+        if rows is None:
+            self.last, self.tail, self.length = last, tail, length
+            return StepOutput(idx.tolist(), delta, probe_ids.tolist() if probe_ids is not None else None,
+                              probe_ent)
+        self.last[r], self.tail[r], self.length[r] = last, tail, length
+        # results indexed by slot, like the full path
+        committed = [0] * self.max_batch
+        full_delta = torch.zeros(self.max_batch, self.k_window, device=dev)
+        full_ids = [[] for _ in range(self.max_batch)] if probe_ids is not None else None
+        full_ent = torch.zeros(self.max_batch, self.k_window, device=dev) if probe_ent is not None else None
+        for i, (b, t) in enumerate(zip(rows, idx.tolist())):
+            committed[b] = t
+        full_delta[r] = delta
+        if probe_ids is not None:
+            for b, ids in zip(rows, probe_ids.tolist()):
+                full_ids[b] = ids
+        if probe_ent is not None:
+            full_ent[r] = probe_ent
+        return StepOutput(committed, full_delta, full_ids, full_ent)
 
 
 # --------------------------------------------------------------------------------------
@@ -398,8 +435,12 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_len = max_len or cfg.n_positions + k_window - 1
         self.max_queue, self.entropy_tau, self.track_text = max_queue, entropy_tau, track_text
-        step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=compile_mode) \
-            if compile else decode_step
+        step_fn = decode_step
+        if compile:
+            # one graph per (row bucket, guided): 1, 2, 4, … max_batch rows, with and without guidance
+            variants = 2 * (max_batch.bit_length() + 1)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
+            step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=compile_mode)
         self.batch = DecodeBatch(model, max_batch, self.max_len, k_window, step_fn, impl)
         self.queue: deque[_Pending] = deque()
         self.running: dict[int, _Pending] = {}  # slot → request
