@@ -1,9 +1,10 @@
-import io
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tiny import byte_tokenizer, tiny_model
 from tmfast.checkpoint import save_checkpoint
@@ -85,3 +86,14 @@ def test_console_script_end_to_end(ckpt):
     r = subprocess.run([sys.executable, "-m", "tmfast.cli", "generate", "", "--checkpoint", ckpt],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "tmfast: error: prompt is empty"
+
+
+def test_forced_triton_without_a_gpu_is_a_one_line_error(ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present, so Triton can run: this case is about machines without one")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for kernel tests
+    r = subprocess.run([sys.executable, "-m", "tmfast.cli", "generate", "hi", "--checkpoint", ckpt,
+                        "--impl", "triton", "--max-new-tokens", "4"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("tmfast: error:") and "impl='triton'" in r.stderr

@@ -32,7 +32,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence as Seq
 
 import torch
 
-from csrc_triton import maturation_update, nn_commit
+from csrc_triton import maturation_update, nn_commit, resolve_impl
 
 from .config import GenerationConfig
 from .model import TMModel
@@ -48,6 +48,14 @@ class GenerationError(ValueError):
 
 class QueueFullError(GenerationError):
     """The engine's request queue is full; retry later."""
+
+
+def check_impl(impl: str | None, device: torch.device) -> None:
+    """Fail at construction, in one line, when the kernel implementation asked for cannot run here."""
+    try:
+        resolve_impl(impl, device, "tmfast")
+    except (RuntimeError, ValueError) as e:
+        raise GenerationError(str(e), "impl") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -428,6 +436,7 @@ class Engine:
             model, loaded_tok = load_checkpoint(model)
             tokenizer = tokenizer or loaded_tok
         cfg = model.config
+        check_impl(impl, model.table.weight.device)
         if not 1 <= k_window <= cfg.k_max:
             raise GenerationError(f"k_window must lie in [1, k_max={cfg.k_max}], got {k_window}")
         if max_batch < 1 or max_queue < 0:
@@ -590,6 +599,7 @@ class MaturationEngine:
 
     def __init__(self, model: TMModel, tokenizer=None, *, compile: bool = False,
                  compile_mode: str | None = None, impl: str | None = None):
+        check_impl(impl, model.table.weight.device)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.compile, self.compile_mode, self.impl = compile, compile_mode, impl
         self._engine: Engine | None = None
