@@ -50,6 +50,8 @@ def test_abort_mid_flight_and_in_queue(model):
     for _ in range(3):
         collect(engine.step(), got)
     assert engine.abort(a) and engine.abort(c) and not engine.abort("nope")
+    # b moved into a's slot: running sequences stay a prefix of the batch
+    assert engine.batch.n_active == 1 and engine.running[0].seq.id == b
     collect(engine.run(), got)
     assert got[a][-1].finish_reason == "abort" and len([e for e in got[a] if e.token_ids]) == 3
     assert [e.finish_reason for e in got[c]] == ["abort"]

@@ -73,14 +73,14 @@ def prefill(model: TMModel, x: torch.Tensor, k: torch.Tensor, rows: torch.Tensor
 
 def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, embryo,
                 n_slots: int, guided: bool, impl: str | None = None, probe: bool = False,
-                entropy_tau: float | None = None, rows: torch.Tensor | None = None):
+                entropy_tau: float | None = None):
     """One maturation step for the whole batch. Shapes never change between steps.
 
     last (B,d) committed vector at position length-1; tail (B,Kw,d) front first;
     length (B,) committed count P; k (B,) tail lengths ≤ Kw; alpha (B,Kw) (0 on dead slots);
     guidance (B,); active (B,) bool; embryo (B,d) the vector appended this step.
     n_slots: cache slots for positions (the unconditional stream's scratch slots follow).
-    rows (B,): the KV-cache rows these B sequences own (default: rows 0..B-1).
+    The B sequences own KV-cache rows 0..B-1 (a prefix of the cache: a view, no copy).
     probe: also return each tail slot's nearest token (and, with entropy_tau, the entropy of
     softmax(cos(z̃,E)/τ)), measured after the update and before the shift (slot 0 = committed).
     Returns (last, tail, length, committed ids, ‖Δz̃‖, ‖z̃‖, commit score, probe ids, probe entropy).
@@ -106,7 +106,7 @@ def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, 
     mask = ((s >= lo.unsqueeze(-1)) & (s <= hi.unsqueeze(-1))).unsqueeze(1)
 
     out = model(x, pos=pos.clamp(max=model.config.n_positions - 1), alpha=a_in, k=k, mask=mask,
-                cache_slots=slot, cache_rows=rows)
+                cache_slots=slot)
     pred_c = out[:, :Kw]
     pred_u = torch.cat([out[:, :1], out[:, 1 + Kw:2 * Kw]], dim=1) if guided else None
 
@@ -168,6 +168,10 @@ class StepOutput:
 class DecodeBatch:
     """max_batch slots of fixed-shape decoding state over one static KV cache.
 
+    Running sequences always occupy slots 0..n-1: a step computes the first n slots
+    rounded up to a power of two (cache rows as a view), and when a sequence leaves a
+    hole, the last one moves into it (one cache-row copy per finished sequence).
+
     max_len: cache slots for positions; a sequence needs prompt + new tokens + k_window − 1
     of them. The cache holds k_window scratch slots more for the unconditional stream.
     """
@@ -186,7 +190,7 @@ class DecodeBatch:
         self.k = torch.ones(max_batch, dtype=torch.long, device=dev)
         self.alpha = torch.zeros(max_batch, k_window, device=dev)
         self.guidance = torch.ones(max_batch, device=dev)
-        self.active = [False] * max_batch
+        self.n_active = 0  # running sequences occupy slots 0..n_active-1
         self.guided = [False] * max_batch
         self.embryos: list[EmbryoStream | None] = [None] * max_batch
 
@@ -197,13 +201,16 @@ class DecodeBatch:
                 block.attn.kv_cache = cache
 
     def free_slots(self) -> list[int]:
-        return [b for b in range(self.max_batch) if not self.active[b]]
+        return list(range(self.n_active, self.max_batch))
 
     @torch.no_grad()
     def admit(self, items: list[tuple[int, torch.Tensor, GenerationConfig]]) -> None:
-        """Start sequences: (slot, committed prompt vectors (T,d), settings); one batched prefill."""
+        """Start sequences: (slot, committed prompt vectors (T,d), settings); one batched prefill.
+        Slots must be the next free ones, in order."""
         if not items:
             return
+        if [slot for slot, _, _ in items] != list(range(self.n_active, self.n_active + len(items))):
+            raise ValueError("admit() takes the next free slots, in order")
         self._own_caches()
         cfg, dev = self.model.config, self.tail.device
         T_pre = max(len(v) for _, v, _ in items) - 1
@@ -224,65 +231,54 @@ class DecodeBatch:
             self.alpha[slot].zero_()
             self.alpha[slot, :g.tail] = torch.tensor(g.alpha_profile())
             self.guidance[slot] = g.guidance
-            self.active[slot] = True
             self.guided[slot] = g.guidance != 1.0
+        self.n_active += len(items)
 
-    def release(self, slot: int) -> None:
-        self.active[slot] = self.guided[slot] = False
-        self.embryos[slot] = None
+    def release(self, slot: int) -> int | None:
+        """Free a slot. If it was not the last running one, the last one moves into it:
+        returns the slot that moved (its sequence now lives at `slot`), else None."""
+        last = self.n_active - 1
+        self.n_active = last
+        moved = None
+        if slot != last:
+            self._own_caches()
+            n = int(self.length[last]) + self.k_window  # the slots its attention can reach
+            for cache in self._caches:
+                cache.move_row(last, slot, n)
+            for t in (self.last, self.tail, self.length, self.k, self.alpha, self.guidance):
+                t[slot] = t[last]
+            self.guided[slot], self.embryos[slot] = self.guided[last], self.embryos[last]
+            moved = last
+        self.guided[last], self.embryos[last] = False, None
+        return moved
 
-    def _bucket_rows(self) -> list[int] | None:
-        """The slots to step: the active ones padded with idle ones to a power of two, so a
-        lightly loaded batch does not compute every slot (None: all slots)."""
-        live = [b for b in range(self.max_batch) if self.active[b]]
+    def _bucket(self) -> int:
+        """Slots to compute: the running ones rounded up to a power of two (at most max_batch)."""
         size = 1
-        while size < len(live):
+        while size < self.n_active:
             size *= 2
-        if size >= self.max_batch:
-            return None
-        idle = [b for b in range(self.max_batch) if not self.active[b]]
-        return live + idle[:size - len(live)]
+        return min(size, self.max_batch)
 
     @torch.no_grad()
     def step(self, probe: bool = False, entropy_tau: float | None = None) -> StepOutput:
+        """Advance the running sequences (slots 0..n_active-1) by one step."""
         self._own_caches()
         dev, d = self.tail.device, self.tail.shape[-1]
-        rows = self._bucket_rows()
-        slots = range(self.max_batch) if rows is None else rows
-        zeros = torch.zeros(d)
-        embryo = torch.stack([self.embryos[b].take(1)[0] if self.active[b] else zeros
-                              for b in slots]).to(dev, self.tail.dtype)
-        active = torch.tensor([self.active[b] for b in slots], device=dev)
-        # the unconditional stream is only computed while some active sequence asks for guidance
-        guided = any(g and a for g, a in zip(self.guided, self.active))
-        state = (self.last, self.tail, self.length, self.k, self.alpha, self.guidance)
-        r = None
-        if rows is not None:
-            r = torch.tensor(rows, device=dev)
-            state = tuple(t[r] for t in state)
-        last, tail, length, k, alpha, guidance = state
+        n, size = self.n_active, self._bucket()
+        embryo = torch.zeros(size, d)
+        for b in range(n):
+            embryo[b] = self.embryos[b].take(1)[0]
+        embryo = embryo.to(dev, self.tail.dtype)
+        active = torch.arange(size, device=dev) < n
+        # the unconditional stream is only computed while some running sequence asks for guidance
+        guided = any(self.guided[:n])
         (last, tail, length, idx, delta, _, _, probe_ids, probe_ent) = self.step_fn(
-            self.model, last, tail, length, k, alpha, guidance, active, embryo, n_slots=self.max_len,
-            guided=guided, impl=self.impl, probe=probe, entropy_tau=entropy_tau, rows=r)
-        if rows is None:
-            self.last, self.tail, self.length = last, tail, length
-            return StepOutput(idx.tolist(), delta, probe_ids.tolist() if probe_ids is not None else None,
-                              probe_ent)
-        self.last[r], self.tail[r], self.length[r] = last, tail, length
-        # results indexed by slot, like the full path
-        committed = [0] * self.max_batch
-        full_delta = torch.zeros(self.max_batch, self.k_window, device=dev)
-        full_ids = [[] for _ in range(self.max_batch)] if probe_ids is not None else None
-        full_ent = torch.zeros(self.max_batch, self.k_window, device=dev) if probe_ent is not None else None
-        for i, (b, t) in enumerate(zip(rows, idx.tolist())):
-            committed[b] = t
-        full_delta[r] = delta
-        if probe_ids is not None:
-            for b, ids in zip(rows, probe_ids.tolist()):
-                full_ids[b] = ids
-        if probe_ent is not None:
-            full_ent[r] = probe_ent
-        return StepOutput(committed, full_delta, full_ids, full_ent)
+            self.model, self.last[:size], self.tail[:size], self.length[:size], self.k[:size],
+            self.alpha[:size], self.guidance[:size], active, embryo, n_slots=self.max_len,
+            guided=guided, impl=self.impl, probe=probe, entropy_tau=entropy_tau)
+        self.last[:size], self.tail[:size], self.length[:size] = last, tail, length
+        return StepOutput(idx.tolist()[:n], delta[:n], probe_ids.tolist()[:n] if probe_ids is not None else None,
+                          probe_ent[:n] if probe_ent is not None else None)
 
 
 # --------------------------------------------------------------------------------------
@@ -485,8 +481,7 @@ class Engine:
         else:
             for slot, p in list(self.running.items()):
                 if p.seq.id == request_id:
-                    self.batch.release(slot)
-                    del self.running[slot]
+                    self._release(slot)
                     break
             else:
                 return False
@@ -520,7 +515,8 @@ class Engine:
         want_tail = any(p.return_tail or p.return_stats for p in self.running.values())
         want_stats = any(p.return_stats for p in self.running.values())
         out = self.batch.step(probe=want_tail, entropy_tau=self.entropy_tau if want_stats else None)
-        for slot, p in list(self.running.items()):
+        done = []
+        for slot, p in sorted(self.running.items()):
             try:
                 ev = self._event(p, slot, out)
             except Exception as e:  # one request's failure (say, its text decoding) ends only that request
@@ -528,9 +524,18 @@ class Engine:
                 ev = RequestEvent(p.seq.id, [], "", True, "error", error=f"{type(e).__name__}: {e}")
             events.append(ev)
             if ev.finished:
-                self.batch.release(slot)
-                del self.running[slot]
+                done.append(slot)
+        for slot in reversed(done):  # highest first: what moves into a hole is still running
+            self._release(slot)
         return events
+
+    def _release(self, slot: int) -> None:
+        del self.running[slot]
+        moved = self.batch.release(slot)
+        if moved is not None:
+            p = self.running.pop(moved)
+            p.seq.slot = slot
+            self.running[slot] = p
 
     def _event(self, p: _Pending, slot: int, out: StepOutput) -> RequestEvent:
         seq = p.seq
@@ -551,11 +556,11 @@ class Engine:
     def fail_running(self, message: str) -> list[RequestEvent]:
         """End every running request with an error (after a failed step); queued ones stay."""
         events = []
-        for slot, p in list(self.running.items()):
+        for slot in sorted(self.running, reverse=True):
+            p = self.running[slot]
             p.seq.finish_reason = "error"
             events.append(RequestEvent(p.seq.id, [], "", True, "error", error=message))
-            self.batch.release(slot)
-            del self.running[slot]
+            self._release(slot)
         return events
 
     def run(self) -> Iterator[RequestEvent]:

@@ -73,17 +73,24 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
-        """slots (n,W) long; k, v (n,W,H,hd); rows (n,) the cache rows (default: all, in order).
+        """slots (n,W) long; k, v (n,W,H,hd); rows (n,) the cache rows (default: rows 0..n-1).
         Returns the (n,H,S,hd) cache views of those rows to attend over."""
-        if rows is None:
-            r = torch.arange(k.shape[0], device=k.device).unsqueeze(1).expand_as(slots)
+        if rows is None:  # rows 0..n-1: a view of the cache, no copy
+            n = k.shape[0]
+            r = torch.arange(n, device=k.device).unsqueeze(1).expand_as(slots)
             self.k.index_put_((r, slots), k)
             self.v.index_put_((r, slots), v)
-            return self.k.transpose(1, 2), self.v.transpose(1, 2)
+            return self.k[:n].transpose(1, 2), self.v[:n].transpose(1, 2)
         r = rows.unsqueeze(1).expand_as(slots)
         self.k.index_put_((r, slots), k)
         self.v.index_put_((r, slots), v)
         return self.k[rows].transpose(1, 2), self.v[rows].transpose(1, 2)
+
+
+    def move_row(self, src: int, dst: int, n_slots: int) -> None:
+        """Copy the first n_slots cache slots of row src into row dst."""
+        self.k[dst, :n_slots] = self.k[src, :n_slots]
+        self.v[dst, :n_slots] = self.v[src, :n_slots]
 
 
 class Attention(nn.Module):
