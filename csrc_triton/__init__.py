@@ -9,7 +9,8 @@
 Implementation choice: ``impl`` argument > ``$TMFAST_IMPL`` > "auto". "auto" runs the fused
 Triton kernels on CUDA tensors and the torch references otherwise; "triton" or "torch" force
 one; a forced "triton" that cannot run raises RuntimeError (it runs on CPU tensors only under
-``TRITON_INTERPRET=1`` set before this package is imported).
+``TRITON_INTERPRET=1`` set before this package is imported). Inside ``torch.compile`` the choice
+(and $TMFAST_IMPL) is read when the step is traced, not on every call.
 
 Inputs are checked on metadata only (rank, shape, dtype, device, unit last-dim stride; views
 with arbitrary row strides are accepted) and bad inputs raise ValueError/TypeError naming the
@@ -75,7 +76,7 @@ def nn_commit(queries, table, *, entropy_tau=None, table_inv_norm=None, impl=Non
         if bool(bad.any()):
             rows = bad.nonzero().flatten()[:8].tolist()
             raise ValueError(
-                f"nn_commit: query rows {rows} have NaN scores (NaN/inf in queries or NaN in the table); "
+                f"nn_commit: query rows {rows} have NaN scores (NaN in the query or the table, or inf*0); "
                 "pass check_finite=False to get index -1 for them instead"
             )
     return index, score, lse, entropy

@@ -9,8 +9,9 @@ For N queries (N,d) and a table (V,d):
     entropy[n] = −Σ_j p_nj log p_nj,  p = softmax_j(l_n·)        fp32  (N,)
 
 NaN policy (both implementations, no host sync inside the op): a query row whose scores
-contain a NaN anywhere (NaN/inf in the query, or NaN in a table row) gets ``index = -1`` and
-``score = lse = entropy = NaN``. The public wrapper ``csrc_triton.nn_commit`` then raises
+contain a NaN anywhere (a NaN in the query, a NaN table row, inf·0 products) gets
+``index = -1`` and ``score = lse = entropy = NaN``. ±inf scores without NaN are ordinary
+values (a row of all -inf commits row 0, like torch.max). The public wrapper ``csrc_triton.nn_commit`` then raises
 ValueError when ``check_finite=True`` (default; one host sync), or hands the sentinel back when
 ``check_finite=False`` (no sync; the caller tests ``index < 0`` when it next syncs anyway).
 Inside a torch.compile graph the check is skipped and the sentinel is returned.
@@ -104,19 +105,31 @@ def validate(queries, table, entropy_tau, table_inv_norm):
 # --------------------------------------------------------------------------------------------
 # Triton kernels + launcher
 # --------------------------------------------------------------------------------------------
-# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages). Chosen by N; every entry × dtype pair ×
-# flag combination is compiled for sm_80/sm_90 by tests/test_kernels_aot.py.
+# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages), chosen by the dot path and by N. The fp32
+# ("ieee") path runs on FMA units and keeps its operand tiles in registers, so it needs small
+# BLOCK_D; the native 16-bit path uses tensor cores. Every entry × dtype pair × flag combination
+# is compiled for sm_80 and sm_90 by tests/test_kernels_aot.py: no spills, shared memory in limits
+# (Triton 3.9 / bundled ptxas: 80–224 registers per thread, ≤ 16 KiB shared; the unaligned
+# specialisation, d not a multiple of 16, is the register-hungry one). Picked for zero spills,
+# not tuned for speed: no GPU was available to time them.
 COMMIT_CONFIGS = {
-    "small_n": (16, 128, 64, 4, 2),   # decode: N ≤ 16 queries, many V splits
-    "large_n": (64, 64, 32, 4, 2),    # whole tail / entropy traces: N = B·K
+    ("ieee", "small_n"): (16, 64, 16, 4, 2),     # decode: N ≤ 16 queries, many V splits
+    ("ieee", "large_n"): (32, 64, 16, 8, 2),     # whole tail / entropy traces: N = B·K
+    ("native", "small_n"): (16, 128, 32, 8, 2),
+    ("native", "large_n"): (64, 64, 32, 8, 2),
 }
 MERGE_BLOCK_N, MERGE_BLOCK_S, MERGE_WARPS = 32, 16, 2
 MIN_TILES_PER_SPLIT = 4
 INTERPRETER_SMS = 4  # pretend SM count under TRITON_INTERPRET=1, so splits > 1 are exercised
 
 
-def commit_config(n: int):
-    return COMMIT_CONFIGS["small_n"] if n <= 16 else COMMIT_CONFIGS["large_n"]
+def native_dot(q_dtype, e_dtype) -> bool:
+    """bf16·bf16 / fp16·fp16 products are exact in fp32: use the tensor-core dot with fp32 accumulate."""
+    return q_dtype == e_dtype and q_dtype != torch.float32
+
+
+def commit_config(n: int, q_dtype=torch.float32, e_dtype=torch.float32):
+    return COMMIT_CONFIGS[("native" if native_dot(q_dtype, e_dtype) else "ieee", "small_n" if n <= 16 else "large_n")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,9 +137,9 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_splits(n: int, v: int, device: torch.device, config=None):
+def num_splits(n: int, v: int, device: torch.device, config):
     """(splits, tiles_per_split): aim for ~2 programs per SM, ≥ MIN_TILES_PER_SPLIT tiles each."""
-    block_n, block_v = (config or commit_config(n))[:2]
+    block_n, block_v = config[:2]
     q_blocks = -(-n // block_n)
     tiles = -(-v // block_v)
     if device.type == "cuda" and not INTERPRET:
@@ -150,6 +163,7 @@ if HAS_TRITON:
         tl.store(idx_ptr + rn, tl.where(bad, -1, best_idx).to(tl.int64), mask=n_mask)
         tl.store(score_ptr + rn, tl.where(bad, float("nan"), best), mask=n_mask)
         if ENTROPY:
+            s_i = tl.where(n_mask, s_i, 1.0)  # padded rows: keep log/div finite (never stored)
             log_s = tl.log(s_i)
             tl.store(lse_ptr + rn, tl.where(bad, float("nan"), m_i + log_s), mask=n_mask)
             tl.store(ent_ptr + rn, tl.where(bad, float("nan"), log_s - t_i / s_i), mask=n_mask)
@@ -184,9 +198,13 @@ if HAS_TRITON:
         v_begin = pid_s * tiles_per_split * BLOCK_V
         v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
         e_base = e_ptr + v_begin.to(tl.int64) * stride_ev  # 64-bit row offset; per-tile offsets fit int32
-        best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        best_idx = tl.zeros([BLOCK_N], dtype=tl.int32) + v_begin  # an all -inf row → first column
-        nan_seen = tl.zeros([BLOCK_N], dtype=tl.int32)
+        # argmax is tracked per lane (elementwise, no cross-thread reduction per tile): lane c keeps
+        # the best of columns v ≡ c (mod BLOCK_V), strict '>' keeps the earliest; lanes are folded
+        # once after the loop, lowest index among equal maxima.
+        big = 2147483647
+        lane_best = tl.full([BLOCK_N, BLOCK_V], float("-inf"), dtype=tl.float32)
+        lane_idx = tl.full([BLOCK_N, BLOCK_V], big, dtype=tl.int32)
+        lane_nan = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.int1)
         m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         s_i = tl.zeros([BLOCK_N], dtype=tl.float32)
         t_i = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -204,12 +222,11 @@ if HAS_TRITON:
                 else:
                     acc = tl.dot(q.to(tl.float32), e.to(tl.float32), acc, input_precision="ieee")
             e_base += BLOCK_V * stride_ev
-            s = tl.where(v_mask[None, :], acc, float("-inf"))
-            nan_seen = tl.maximum(nan_seen, tl.max((s != s).to(tl.int32), axis=1))
-            tile_best, tile_arg = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            take = tile_best > best
-            best = tl.where(take, tile_best, best)
-            best_idx = tl.where(take, v0 + tile_arg, best_idx)
+            is_nan = (acc != acc) & v_mask[None, :]  # padded columns (zero rows) may hold inf·0
+            lane_nan = lane_nan | is_nan  # NaN is flagged, never compared
+            take = v_mask[None, :] & (acc > lane_best)
+            lane_best = tl.where(take, acc, lane_best)
+            lane_idx = tl.where(take, rv[None, :], lane_idx)
             if ENTROPY:
                 einv = tl.load(einv_ptr + rv, mask=v_mask, other=0.0)
                 lg = acc * row_scale[:, None] * einv[None, :]
@@ -226,6 +243,10 @@ if HAS_TRITON:
                 t_i += tl.sum(p * centred, axis=1)
                 m_i = m_new
 
+        nan_seen = tl.max(lane_nan.to(tl.int32), axis=1)
+        best = tl.max(lane_best, axis=1)
+        best_idx = tl.min(tl.where(lane_best == best[:, None], lane_idx, big), axis=1)
+        best_idx = tl.where(best_idx == big, v_begin, best_idx)  # all scores -inf → first column
         if FINAL:
             _finalize(idx_ptr, score_ptr, lse_ptr, ent_ptr, rn, n_mask, best, best_idx, nan_seen,
                       m_i, s_i, t_i, ENTROPY)
@@ -261,7 +282,9 @@ if HAS_TRITON:
             po = rs[:, None] * N + rn[None, :]
             sc = tl.load(pscore_ptr + po, mask=msk, other=float("-inf"))
             ix = tl.load(pidx_ptr + po, mask=msk, other=big)
-            nan_seen = tl.maximum(nan_seen, tl.max((sc != sc).to(tl.int32), axis=0))
+            is_nan = sc != sc
+            nan_seen = tl.maximum(nan_seen, tl.max(is_nan.to(tl.int32), axis=0))
+            sc = tl.where(is_nan, float("-inf"), sc)
             c_best = tl.max(sc, axis=0)
             c_idx = tl.min(tl.where(sc == c_best[None, :], ix, big), axis=0)
             take = (c_best > best) | ((c_best == best) & (c_idx < best_idx))
@@ -291,7 +314,7 @@ if HAS_TRITON:
         V = table.shape[0]
         if N == 0:
             return
-        cfg = config or commit_config(N)
+        cfg = config or commit_config(N, queries.dtype, table.dtype)
         block_n, block_v, block_d, num_warps, num_stages = cfg
         if splits is None:
             n_splits, per = num_splits(N, V, queries.device, cfg)
@@ -304,10 +327,10 @@ if HAS_TRITON:
         einv = table_inv_norm if entropy_on else score  # dummy pointers when unused (never read)
         if not entropy_on:
             lse, entropy = score, score  # the (0,) outputs may have no storage at all
-        native = queries.dtype == table.dtype and queries.dtype != torch.float32
+        native = native_dot(queries.dtype, table.dtype)
         grid = (-(-N // block_n), n_splits)
         common = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, ENTROPY=entropy_on,
-                      NATIVE_DOT=native, num_warps=num_warps, num_stages=num_stages)
+                      NATIVE_DOT=native, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True)
         kernel = wrap_triton(_nn_commit_kernel)
         if n_splits == 1:
             kernel[grid](queries, table, einv, index, score, lse, entropy,
@@ -324,7 +347,7 @@ if HAS_TRITON:
         wrap_triton(_nn_commit_merge_kernel)[(-(-N // MERGE_BLOCK_N),)](
             pidx, part[0], part[1], part[2], part[3], index, score, lse, entropy,
             N, n_splits, BLOCK_N=MERGE_BLOCK_N, BLOCK_S=MERGE_BLOCK_S, ENTROPY=entropy_on,
-            num_warps=MERGE_WARPS,
+            num_warps=MERGE_WARPS, enable_fp_fusion=True,
         )
 
     def _outputs(queries, entropy_on):
@@ -377,8 +400,10 @@ DTYPE_PAIRS = (  # (queries, table): queries are fp32 or the table's dtype
 
 def aot_variants():
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    for cfg_name, (bn, bv, bd, nw, ns) in COMMIT_CONFIGS.items():
+    for (path, cfg_name), (bn, bv, bd, nw, ns) in COMMIT_CONFIGS.items():
         for q_dt, e_dt in DTYPE_PAIRS:
+            if (path == "native") != native_dot(q_dt, e_dt):
+                continue
             for entropy_on in (False, True):
                 for final in (True, False):
                     q, e = name[q_dt], name[e_dt]
@@ -393,11 +418,15 @@ def aot_variants():
                     }
                     yield {
                         "kernel": "_nn_commit_kernel", "module": __name__,
+                        # CI compiles the heaviest flag set of each config (entropy on, split
+                        # partials out) for fp32/fp32, fp32/bf16 and bf16/bf16; the rest is `slow`
+                        "ci": entropy_on and not final and (q_dt, e_dt) != (torch.float32, torch.float16)
+                        and q_dt != torch.float16,
                         "name": f"commit[{cfg_name},q={q},E={e},entropy={int(entropy_on)},final={int(final)}]",
                         "signature": sig,
                         "constexprs": {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "ENTROPY": entropy_on,
-                                       "FINAL": final, "NATIVE_DOT": q_dt == e_dt and q_dt != torch.float32},
-                        "options": {"num_warps": nw, "num_stages": ns},
+                                       "FINAL": final, "NATIVE_DOT": native_dot(q_dt, e_dt)},
+                        "options": {"num_warps": nw, "num_stages": ns, "enable_fp_fusion": True},
                     }
     for entropy_on in (False, True):
         sig = {"pidx_ptr": "*i32", "pscore_ptr": "*fp32", "pm_ptr": "*fp32", "ps_ptr": "*fp32",
@@ -405,9 +434,9 @@ def aot_variants():
                "ent_ptr": "*fp32", "N": "i32", "S": "i32",
                "BLOCK_N": "constexpr", "BLOCK_S": "constexpr", "ENTROPY": "constexpr"}
         yield {
-            "kernel": "_nn_commit_merge_kernel", "module": __name__,
+            "kernel": "_nn_commit_merge_kernel", "module": __name__, "ci": entropy_on,
             "name": f"commit_merge[entropy={int(entropy_on)}]",
             "signature": sig,
             "constexprs": {"BLOCK_N": MERGE_BLOCK_N, "BLOCK_S": MERGE_BLOCK_S, "ENTROPY": entropy_on},
-            "options": {"num_warps": MERGE_WARPS},
+            "options": {"num_warps": MERGE_WARPS, "enable_fp_fusion": True},
         }

@@ -122,3 +122,33 @@ def test_tail_probe_reports_every_slot_without_changing_the_output(model):
         assert len(ev.tail_tokens[0]) == 6 and ev.tail_tokens[0][0] == tok  # slot 0 is what was committed
         assert all(0 < h <= torch.log(torch.tensor(float(V))) + 1e-4 for h in ev.tail_entropy[0])
         assert len(ev.delta_norm[0]) == 6 and all(x >= 0 for x in ev.delta_norm[0])
+
+
+def test_engine_output_is_identical_with_the_triton_kernels(model):
+    """fp32: the Triton kernels (interpreter on CPU, compiled on CUDA) commit the same tokens."""
+    from csrc_triton import INTERPRET
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("Triton can run neither compiled (no GPU) nor interpreted (TRITON_INTERPRET unset)")
+    g = GenerationConfig(max_new_tokens=8, tail=4, guidance=2.0, alpha_max=0.7, seed=3)
+    events = {impl: [] for impl in ("torch", "triton")}
+    out = {impl: MaturationEngine(model, impl=impl).generate(PROMPTS[:2], g, on_step=events[impl].append,
+                                                            entropy_tau=0.5)
+           for impl in ("torch", "triton")}
+    assert [r.token_ids for r in out["triton"]] == [r.token_ids for r in out["torch"]]
+    for a, b in zip(events["torch"], events["triton"]):
+        assert a.tail_tokens == b.tail_tokens
+        torch.testing.assert_close(torch.tensor(b.tail_entropy), torch.tensor(a.tail_entropy), rtol=1e-4, atol=1e-5)
+
+
+def test_a_non_finite_tail_ends_only_its_own_sequence(model):
+    from tmfast.engine import Engine
+    engine = Engine(model, max_batch=2, max_len=64, k_window=4)
+    a = engine.add_request([1, 2, 3], GenerationConfig(max_new_tokens=6, tail=4, seed=1))
+    b = engine.add_request([4, 5], GenerationConfig(max_new_tokens=6, tail=4, seed=2))
+    engine.step()
+    engine.batch.tail[0, 0] = float("nan")  # a's front slot: what it commits next
+    events = [e for e in engine.run()]
+    ea = [e for e in events if e.request_id == a]
+    assert ea[-1].finish_reason == "error" and "not finite" in ea[-1].error
+    eb = [e for e in events if e.request_id == b]
+    assert eb[-1].finish_reason == "length"

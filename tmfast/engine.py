@@ -32,7 +32,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence as Seq
 
 import torch
 
-from csrc_triton import maturation_update, nn_commit, resolve_impl
+from csrc_triton import maturation_update, nn_commit, prepare_table, resolve_impl
 
 from .config import GenerationConfig
 from .model import TMModel
@@ -73,7 +73,7 @@ def prefill(model: TMModel, x: torch.Tensor, k: torch.Tensor, rows: torch.Tensor
 
 def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, embryo,
                 n_slots: int, guided: bool, impl: str | None = None, probe: bool = False,
-                entropy_tau: float | None = None):
+                entropy_tau: float | None = None, table_inv_norm: torch.Tensor | None = None):
     """One maturation step for the whole batch. Shapes never change between steps.
 
     last (B,d) committed vector at position length-1; tail (B,Kw,d) front first;
@@ -82,7 +82,9 @@ def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, 
     n_slots: cache slots for positions (the unconditional stream's scratch slots follow).
     The B sequences own KV-cache rows 0..B-1 (a prefix of the cache: a view, no copy).
     probe: also return each tail slot's nearest token (and, with entropy_tau, the entropy of
-    softmax(cos(z̃,E)/τ)), measured after the update and before the shift (slot 0 = committed).
+    softmax(cos(z̃,E)/τ), using table_inv_norm), measured after the update and before the
+    shift (slot 0 = committed). A slot whose vector is not finite commits index -1 (no sync
+    here: the caller ends that sequence alone).
     Returns (last, tail, length, committed ids, ‖Δz̃‖, ‖z̃‖, commit score, probe ids, probe entropy).
     """
     B, Kw, d = tail.shape
@@ -115,11 +117,12 @@ def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, 
         tail, pred_c, alpha * active.unsqueeze(1), pred_uncond=pred_u,
         guidance=guidance if guided else None, impl=impl)
     table = model.table.weight
-    idx, score, _, _ = nn_commit(tail[:, 0], table, impl=impl)
+    idx, score, _, _ = nn_commit(tail[:, 0], table, impl=impl, check_finite=False)
     probe_ids = probe_entropy = None
     if probe:  # a separate call: probing must never change what is committed
-        probe_ids, _, _, probe_entropy = nn_commit(tail.reshape(B * Kw, d), table,
-                                                   entropy_tau=entropy_tau, impl=impl)
+        probe_ids, _, _, probe_entropy = nn_commit(tail.reshape(B * Kw, d), table, entropy_tau=entropy_tau,
+                                                   table_inv_norm=table_inv_norm, impl=impl,
+                                                   check_finite=False)
         probe_ids = probe_ids.view(B, Kw)
         probe_entropy = probe_entropy.view(B, Kw) if probe_entropy is not None else None
 
@@ -127,7 +130,7 @@ def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, 
     shifted = torch.where((j == (k - 1).unsqueeze(1)).unsqueeze(-1), embryo.unsqueeze(1), shifted)
     act = active.view(B, 1)
     new_tail = torch.where(act.unsqueeze(-1), shifted, tail)
-    new_last = torch.where(act, model.table(idx), last)
+    new_last = torch.where(act, model.table(idx.clamp(min=0)), last)
     return (new_last, new_tail, length + active.long(), idx, delta_norm, tail_norm, score,
             probe_ids, probe_entropy)
 
@@ -182,6 +185,7 @@ class DecodeBatch:
         self.max_batch, self.max_len, self.k_window = max_batch, max_len, k_window
         model.setup_caches(max_batch, max_len + k_window)
         self._caches = [b.attn.kv_cache for b in model.blocks]
+        self.table_inv_norm = prepare_table(model.table.weight.detach())  # the table is fixed while serving
         p = model.table.weight
         dev, dt, d = p.device, p.dtype, model.config.n_embd
         self.last = torch.zeros(max_batch, d, device=dev, dtype=dt)
@@ -275,7 +279,8 @@ class DecodeBatch:
         (last, tail, length, idx, delta, _, _, probe_ids, probe_ent) = self.step_fn(
             self.model, self.last[:size], self.tail[:size], self.length[:size], self.k[:size],
             self.alpha[:size], self.guidance[:size], active, embryo, n_slots=self.max_len,
-            guided=guided, impl=self.impl, probe=probe, entropy_tau=entropy_tau)
+            guided=guided, impl=self.impl, probe=probe, entropy_tau=entropy_tau,
+            table_inv_norm=self.table_inv_norm)
         self.last[:size], self.tail[:size], self.length[:size] = last, tail, length
         return StepOutput(idx.tolist()[:n], delta[:n], probe_ids.tolist()[:n] if probe_ids is not None else None,
                           probe_ent[:n] if probe_ent is not None else None)
@@ -351,6 +356,8 @@ class Sequence:
         return self.finish_reason is not None
 
     def commit(self, tok: int) -> None:
+        if tok < 0:
+            raise GenerationError("the front tail vector is not finite (NaN/inf): nothing to commit")
         g = self.gen
         if g.stop_at_eos and self.eos is not None and tok == self.eos:
             self.finish_reason = "eos"
