@@ -27,6 +27,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # imported; flipping TRITON_INTERPRET afterwards has no effect on our kernels.
 INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Where Triton kernels can run at all: on a GPU, or anywhere under the interpreter. Only there are
+# the torch.library ops registered — registering a triton_op imports torch._inductor (~2 s of
+# start-up for every CPU-only process, the CLI included). The @triton.jit kernels themselves are
+# defined whenever Triton is importable, so the ahead-of-time compile checks work everywhere.
+CAN_RUN = HAS_TRITON and (INTERPRET or torch.cuda.is_available())
+
 
 def resolve_impl(impl: str | None, device: torch.device, op: str) -> str:
     """impl argument > $TMFAST_IMPL > "auto".  Returns "triton" or "torch".

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ._common import FLOAT_DTYPES, HAS_TRITON, check_rows_nonoverlapping, check_tensor
+from ._common import CAN_RUN, FLOAT_DTYPES, HAS_TRITON, check_rows_nonoverlapping, check_tensor
 
 OP = "maturation_update"
 
@@ -162,26 +162,29 @@ if HAS_TRITON:
             num_warps=num_warps, enable_fp_fusion=False,
         )
 
-    @triton_op("tmfast::maturation_update_", mutates_args={"tail"})
-    def maturation_update_triton(
-        tail: torch.Tensor,
-        pred_cond: torch.Tensor,
-        alpha: torch.Tensor,
-        pred_uncond: Optional[torch.Tensor],
-        guidance: Optional[torch.Tensor],
-        noise: Optional[torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused Triton update (inputs already validated by the public wrapper)."""
-        B, K, _ = tail.shape
-        delta_norm = torch.empty((B, K), dtype=torch.float32, device=tail.device)
-        tail_norm = torch.empty((B, K), dtype=torch.float32, device=tail.device)
-        _launch(tail, pred_cond, alpha, pred_uncond, guidance, noise, delta_norm, tail_norm)
-        return delta_norm, tail_norm
+    if CAN_RUN:  # see _common.CAN_RUN: registration imports torch._inductor
+        @triton_op("tmfast::maturation_update_", mutates_args={"tail"})
+        def maturation_update_triton(
+            tail: torch.Tensor,
+            pred_cond: torch.Tensor,
+            alpha: torch.Tensor,
+            pred_uncond: Optional[torch.Tensor],
+            guidance: Optional[torch.Tensor],
+            noise: Optional[torch.Tensor],
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """Fused Triton update (inputs already validated by the public wrapper)."""
+            B, K, _ = tail.shape
+            delta_norm = torch.empty((B, K), dtype=torch.float32, device=tail.device)
+            tail_norm = torch.empty((B, K), dtype=torch.float32, device=tail.device)
+            _launch(tail, pred_cond, alpha, pred_uncond, guidance, noise, delta_norm, tail_norm)
+            return delta_norm, tail_norm
 
-    @maturation_update_triton.register_fake
-    def _(tail, pred_cond, alpha, pred_uncond, guidance, noise):
-        B, K, _ = tail.shape
-        return (tail.new_empty((B, K), dtype=torch.float32), tail.new_empty((B, K), dtype=torch.float32))
+        @maturation_update_triton.register_fake
+        def _(tail, pred_cond, alpha, pred_uncond, guidance, noise):
+            B, K, _ = tail.shape
+            return (tail.new_empty((B, K), dtype=torch.float32), tail.new_empty((B, K), dtype=torch.float32))
+    else:  # resolve_impl never picks Triton here
+        maturation_update_triton = None
 
 else:  # pragma: no cover
     maturation_update_triton = None

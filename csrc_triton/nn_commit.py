@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from ._common import FLOAT_DTYPES, HAS_TRITON, INTERPRET, check_tensor
+from ._common import CAN_RUN, FLOAT_DTYPES, HAS_TRITON, INTERPRET, check_tensor
 
 OP = "nn_commit"
 
@@ -360,29 +360,33 @@ if HAS_TRITON:
         entropy = torch.empty((m,), dtype=torch.float32, device=dev)
         return index, score, lse, entropy
 
-    @triton_op("tmfast::nn_commit", mutates_args=())
-    def nn_commit_triton(
-        queries: torch.Tensor,
-        table: torch.Tensor,
-        table_inv_norm: Optional[torch.Tensor],
-        entropy_tau: Optional[float],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fused split-V Triton commit. lse/entropy are (0,) tensors when entropy_tau is None."""
-        out = _outputs(queries, entropy_tau is not None)
-        _launch(queries, table, table_inv_norm, entropy_tau, *out)
-        return out
+    if CAN_RUN:  # see _common.CAN_RUN: registration imports torch._inductor
+        @triton_op("tmfast::nn_commit", mutates_args=())
+        def nn_commit_triton(
+            queries: torch.Tensor,
+            table: torch.Tensor,
+            table_inv_norm: Optional[torch.Tensor],
+            entropy_tau: Optional[float],
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            """Fused split-V Triton commit. lse/entropy are (0,) tensors when entropy_tau is None."""
+            out = _outputs(queries, entropy_tau is not None)
+            _launch(queries, table, table_inv_norm, entropy_tau, *out)
+            return out
 
-    @nn_commit_triton.register_fake
-    def _(queries, table, table_inv_norm, entropy_tau):
-        return _outputs(queries, entropy_tau is not None)
+        @nn_commit_triton.register_fake
+        def _(queries, table, table_inv_norm, entropy_tau):
+            return _outputs(queries, entropy_tau is not None)
 
-    def nn_commit_triton_with(queries, table, table_inv_norm=None, entropy_tau=None, *, config=None, splits=None):
-        """Launcher with explicit tile config / split count (tests and benchmarks; not an op)."""
-        if entropy_tau is not None and table_inv_norm is None:
-            table_inv_norm = table_inv_norm_torch(table)
-        out = _outputs(queries, entropy_tau is not None)
-        _launch(queries, table, table_inv_norm, entropy_tau, *out, config=config, splits=splits)
-        return out
+        def nn_commit_triton_with(queries, table, table_inv_norm=None, entropy_tau=None, *, config=None, splits=None):
+            """Launcher with explicit tile config / split count (tests and benchmarks; not an op)."""
+            if entropy_tau is not None and table_inv_norm is None:
+                table_inv_norm = table_inv_norm_torch(table)
+            out = _outputs(queries, entropy_tau is not None)
+            _launch(queries, table, table_inv_norm, entropy_tau, *out, config=config, splits=splits)
+            return out
+    else:  # resolve_impl never picks Triton here
+        nn_commit_triton = None
+        nn_commit_triton_with = None
 
 else:  # pragma: no cover
     nn_commit_triton = None

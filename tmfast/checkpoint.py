@@ -27,8 +27,9 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(model: TMModel, directory: str | os.PathLike, tokenizer=None,
-                    extra_files: dict[str, str] | None = None) -> Path:
-    """Write the checkpoint atomically: into a temp dir beside it, then rename."""
+                    extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Write the checkpoint atomically: into a temp dir beside it, then rename.
+    extra_files: more files to write into it (text or bytes), e.g. training state."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -37,8 +38,11 @@ def save_checkpoint(model: TMModel, directory: str | os.PathLike, tokenizer=None
     save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "tmfast"})
     if tokenizer is not None:
         tokenizer.save(str(tmp / TOKENIZER_NAME))
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
+    for name, content in (extra_files or {}).items():
+        if isinstance(content, bytes):
+            (tmp / name).write_bytes(content)
+        else:
+            (tmp / name).write_text(content)
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
         if old.exists():
