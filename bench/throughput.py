@@ -1,0 +1,544 @@
+"""Throughput of the engine, side by side with Hugging Face GPT-2, in one process run.
+
+    python bench/throughput.py                       # the shipped maturation model, every section
+    python bench/throughput.py --checkpoint DIR --sections gen prefix breakdown train memory
+    python bench/throughput.py --random              # a random model of the default model's shape
+
+Sections (each prints a Markdown table; --out writes them all to OUT.md and OUT.json):
+  gen        committed tokens/s at batch {1, 32}, K {1, 16}, s {1, 2}, eager and compiled,
+             and HF `transformers` greedy `generate` on a random GPT-2 of the same size
+             (eager dynamic cache; static cache eager; static cache + torch.compile),
+             reported as ratios to HF eager at the same batch. "decode tok/s" = batch /
+             median step time (steady state); "e2e tok/s" includes prefill and first steps.
+  prefix     cached step vs the naive full recompute (tests/naive_reference.py) at
+             prefix 128/512/1024 (a random model of the same widths with 1.2k positions)
+  breakdown  one step split into model forward / maturation update / commit / rest, with
+             model FLOPs and bytes touched per step, the FLOP floor (FLOPs ÷ measured
+             matmul throughput) and the byte floor (bytes ÷ measured copy bandwidth), the
+             achieved fraction of each, and achieved GB/s (bytes ÷ step time, as gpt-fast)
+  train      training tokens/s of the maturation vs the AR objective on the same backbone
+             (train.objectives, forward + backward + AdamW, synthetic token data)
+  memory     peak memory per configuration: on CPU the peak RSS growth of a fresh
+             subprocess during generate (eager), on CUDA torch.cuda.max_memory_allocated
+
+Every table is preceded by the machine (CPU model, threads, torch/triton versions, GPU).
+Absolute numbers move with machine load; read the ratios, which are measured side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from tmfast import GenerationConfig, MaturationEngine, ModelConfig, TMModel, load_checkpoint  # noqa: E402
+from tmfast.engine import decode_step  # noqa: E402
+from tmfast.evaluate import machine_info  # noqa: E402
+from csrc_triton import maturation_update, nn_commit  # noqa: E402
+
+DEFAULT_CKPT = ROOT / "tmfast" / "assets" / "maturation"
+SECTIONS = ("gen", "prefix", "breakdown", "train", "memory")
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, dev, reps: int, warmup: int = 1) -> float:
+    """Median seconds of fn() over reps (after warmup calls)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+# --------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------
+def load_model(args):
+    if args.random or not Path(args.checkpoint).is_dir():
+        if not args.random:
+            print(f"# {args.checkpoint} not found: using a random model of the default shape", flush=True)
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=4096, n_positions=128, n_layer=4, n_head=4, n_embd=192, k_max=16)
+        return TMModel(cfg).eval(), "random init, default-model shape"
+    model, _ = load_checkpoint(args.checkpoint)
+    return model.eval(), str(args.checkpoint)
+
+
+def hf_twin(cfg: ModelConfig, n_positions: int | None = None):
+    """A random HF GPT-2 with the same sizes (vocab, context, layers, heads, width)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hc = GPT2Config(vocab_size=cfg.vocab_size, n_positions=n_positions or cfg.n_positions, n_embd=cfg.n_embd,
+                    n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(hc).eval()
+
+
+# --------------------------------------------------------------------------------------
+# gen: committed tokens/s
+# --------------------------------------------------------------------------------------
+def tm_run(engine, prompts, g):
+    stamps = []
+    sync_dev = engine.model.table.weight.device
+    sync(sync_dev)
+    t0 = time.perf_counter()
+    engine.generate(prompts, g, on_step=lambda ev: (sync(sync_dev), stamps.append(time.perf_counter())))
+    total = time.perf_counter() - t0
+    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    return total, statistics.median(steps)
+
+
+def hf_run(hf, ids, new, static: bool):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    stamps = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            sync(ids.device)
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None,
+              stopping_criteria=StoppingCriteriaList([Stamp()]), attention_mask=torch.ones_like(ids))
+    if static:
+        kw["cache_implementation"] = "static"
+    sync(ids.device)
+    t0 = time.perf_counter()
+    out = hf.generate(ids, **kw)
+    total = time.perf_counter() - t0
+    assert out.shape[1] == ids.shape[1] + new
+    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    return total, statistics.median(steps)
+
+
+def section_gen(model, args, dev):
+    cfg = model.config
+    new, plen = args.new_tokens, args.prompt_len
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    modes = ["eager"] + (["compiled"] if args.compile else [])
+    for B in args.batch:
+        prompts = torch.randint(0, cfg.vocab_size, (B, plen), generator=gen).tolist()
+        hf = hf_twin(cfg).to(dev)
+        ids = torch.tensor(prompts, device=dev)
+        hf_rows = {}
+        with torch.no_grad():
+            hf_run(hf, ids, 4, False)  # warm
+            total, step = min((hf_run(hf, ids, new, False) for _ in range(args.reps)), key=lambda r: r[1])
+            hf_rows["HF eager"] = (total, step)
+            try:
+                hf_run(hf, ids, 4, True)
+                hf_rows["HF static cache"] = min((hf_run(hf, ids, new, True) for _ in range(args.reps)),
+                                                 key=lambda r: r[1])
+            except Exception as e:  # noqa: BLE001
+                hf_rows["HF static cache"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+            if args.compile:
+                try:
+                    hf.forward = torch.compile(hf.forward, dynamic=False)
+                    t0 = time.perf_counter()
+                    hf_run(hf, ids, new, True)
+                    warm = time.perf_counter() - t0
+                    hf_run(hf, ids, new, True)
+                    r = min((hf_run(hf, ids, new, True) for _ in range(args.reps)), key=lambda r: r[1])
+                    hf_rows["HF static cache + compile"] = r
+                    print(f"#   (HF compile + first run, batch {B}: {warm:.0f} s)", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    hf_rows["HF static cache + compile"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+        base = hf_rows["HF eager"][1]
+        for name, r in hf_rows.items():
+            if isinstance(r, str):
+                rows.append({"batch": B, "engine": name, "K": "", "s": "", "note": r})
+                continue
+            rows.append({"batch": B, "engine": name, "K": "", "s": "", "e2e_tok_s": B * new / r[0],
+                         "decode_tok_s": B / r[1], "step_ms": r[1] * 1e3, "ratio": base / r[1]})
+        for mode in modes:
+            for K in args.tail:
+                for s in args.guidance:
+                    g = GenerationConfig(max_new_tokens=new, tail=K, guidance=s, seed=0, stop_at_eos=False)
+                    eng = MaturationEngine(model, compile=mode == "compiled", impl=args.impl)
+                    t0 = time.perf_counter()
+                    tm_run(eng, prompts, g)  # warm (compiles once per shape)
+                    warm = time.perf_counter() - t0
+                    total, step = min((tm_run(eng, prompts, g) for _ in range(args.reps)), key=lambda r: r[1])
+                    rows.append({"batch": B, "engine": f"tmfast {mode}", "K": K, "s": s, "e2e_tok_s": B * new / total,
+                                 "decode_tok_s": B / step, "step_ms": step * 1e3, "ratio": base / step,
+                                 "warmup_s": warm})
+                    print(f"#   tmfast {mode} B={B} K={K} s={s:g}: {B / step:.0f} tok/s"
+                          + (f" (compile + first run {warm:.0f} s)" if mode == "compiled" else ""), flush=True)
+    lines = [f"Committed tokens/s: prompt {plen} random tokens, {new} new tokens, median step of the best of "
+             f"{args.reps} runs; ratio = decode tok/s ÷ HF eager decode tok/s at the same batch.", "",
+             "| batch | engine | K | s | decode tok/s | step ms | e2e tok/s | ratio vs HF eager |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "note" in r:
+            lines.append(f"| {r['batch']} | {r['engine']} | | | {r['note']} | | | |")
+        else:
+            s = "" if r["s"] == "" else f"{r['s']:g}"
+            lines.append(f"| {r['batch']} | {r['engine']} | {r['K']} | {s} | {r['decode_tok_s']:.0f} | "
+                         f"{r['step_ms']:.2f} | {r['e2e_tok_s']:.0f} | {r['ratio']:.2f}× |")
+    return rows, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# prefix: cached step vs naive recompute
+# --------------------------------------------------------------------------------------
+def section_prefix(model, args, dev):
+    from naive_reference import naive_generate
+    import step_time  # bench/step_time.py: the engine's step timer
+    cfg = model.config
+    torch.manual_seed(0)
+    big = TMModel(ModelConfig(vocab_size=cfg.vocab_size, n_positions=max(args.prefix) + 64, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, k_max=max(cfg.k_max, max(args.tail)))).eval().to(dev)
+    rows = []
+    for P in args.prefix:
+        prompt = torch.randint(0, cfg.vocab_size, (P,)).tolist()
+        for K in args.tail:
+            for s in args.guidance:
+                g = GenerationConfig(max_new_tokens=10, tail=K, guidance=s, seed=0, stop_at_eos=False)
+                cached = statistics.median(step_time.engine_step_times(MaturationEngine(big, impl=args.impl),
+                                                                       prompt, g, 1))
+                gn = GenerationConfig(max_new_tokens=2, tail=K, guidance=s, seed=0, stop_at_eos=False)
+                t0 = time.perf_counter()
+                naive_generate(big, prompt, gn)
+                naive = (time.perf_counter() - t0) / 2
+                rows.append({"prefix": P, "K": K, "s": s, "naive_ms": naive * 1e3, "cached_ms": cached * 1e3,
+                             "speedup": naive / cached})
+    lines = [f"Cached step vs naive full recompute (random model, {cfg.n_layer} layers, d={cfg.n_embd}, "
+             f"V={cfg.vocab_size}, batch 1):", "",
+             "| prefix | K | s | naive ms/step | cached ms/step | speed-up |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['prefix']} | {r['K']} | {r['s']:g} | {r['naive_ms']:.1f} | {r['cached_ms']:.1f} | "
+              f"{r['speedup']:.1f}× |" for r in rows]
+    return rows, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# breakdown: forward / update / commit, FLOP and byte floors
+# --------------------------------------------------------------------------------------
+def measure_peaks(dev) -> dict:
+    n = 2048 if dev.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    t = timeit(lambda: a @ b, dev, reps=5)
+    x = torch.empty(64 * 2 ** 20, device=dev)  # 256 MiB
+    y = torch.empty_like(x)
+    tc = timeit(lambda: y.copy_(x), dev, reps=5)
+    return {"matmul_gflops": 2 * n ** 3 / t / 1e9, "copy_gbs": 2 * x.numel() * 4 / tc / 1e9}
+
+
+def step_costs(cfg: ModelConfig, n_params: int, B: int, K: int, guided: bool, S: int, dtype_bytes: int = 4) -> dict:
+    """Model FLOPs and bytes touched by one engine step (fp32): every weight once, the whole
+    KV cache once (the step attends over all cache slots under a mask), the table for the commit."""
+    d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    T = 1 + K + (K if guided else 0)
+    tok = B * T
+    lin = L * 12 * d * d + d * d + (128 * d + d * d)  # blocks, vector head, maturity MLP
+    flops = 2 * tok * lin + L * 4 * tok * S * d + 2 * B * V * d  # + attention + commit
+    params = n_params
+    kv = L * 2 * B * S * d
+    return {"flops": flops, "bytes": (params + kv) * dtype_bytes, "kv_bytes": kv * dtype_bytes,
+            "param_bytes": params * dtype_bytes}
+
+
+def section_breakdown(model, args, dev, peaks):
+    cfg = model.config
+    rows = []
+    P = args.prompt_len
+    for B in args.batch:
+        for K in args.tail:
+            for s in args.guidance:
+                guided = s != 1.0
+                n_slots = P + args.new_tokens + K - 1
+                model.setup_caches(B, n_slots + (K if guided else 0))
+                S = model.blocks[0].attn.kv_cache.k.shape[1]
+                d = cfg.n_embd
+                gen = torch.Generator().manual_seed(0)
+                last = torch.randn(B, d, generator=gen).to(dev)
+                tail = (torch.randn(B, K, d, generator=gen) * 0.1).to(dev)
+                length = torch.full((B,), P, device=dev)
+                k = torch.full((B,), K, device=dev)
+                alpha = torch.tensor(GenerationConfig(tail=K).alpha_profile()).expand(B, K).contiguous().to(dev)
+                guidance = torch.full((B,), s, device=dev)
+                active = torch.ones(B, dtype=torch.bool, device=dev)
+                embryo = torch.zeros(B, d, device=dev)
+                # the forward's inputs, exactly as decode_step builds them
+                j = torch.arange(K, device=dev)
+                Pv = length.view(B, 1)
+                pos = torch.cat([Pv - 1, Pv + j], 1)
+                slot, lo, hi = pos, torch.zeros_like(pos), pos
+                x = torch.cat([last.unsqueeze(1), tail], 1)
+                a_in = torch.cat([torch.ones(B, 1, device=dev), alpha], 1)
+                if guided:
+                    scratch = (n_slots + j).expand(B, K)
+                    pos, slot = torch.cat([pos, Pv + j], 1), torch.cat([slot, scratch], 1)
+                    lo = torch.cat([lo, torch.full_like(scratch, n_slots)], 1)
+                    hi = torch.cat([hi, scratch], 1)
+                    x, a_in = torch.cat([x, tail], 1), torch.cat([a_in, alpha], 1)
+                sidx = torch.arange(S, device=dev).view(1, 1, -1)
+                mask = ((sidx >= lo.unsqueeze(-1)) & (sidx <= hi.unsqueeze(-1))).unsqueeze(1)
+                with torch.no_grad():
+                    out = model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache_slots=slot)
+                    pred_c = out[:, :K]
+                    pred_u = torch.cat([out[:, :1], out[:, 1 + K:2 * K]], 1) if guided else None
+                    t_fwd = timeit(lambda: model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache_slots=slot), dev,
+                                   args.reps * 5)
+                    t_upd = timeit(lambda: maturation_update(tail.clone(), pred_c, alpha, pred_uncond=pred_u,
+                                                             guidance=guidance if guided else None, impl=args.impl),
+                                   dev, args.reps * 20)
+                    front = tail[:, 0].contiguous()
+                    t_com = timeit(lambda: nn_commit(front, model.table.weight, impl=args.impl), dev,
+                                   args.reps * 20)
+                    t_all = timeit(lambda: decode_step(model, last, tail, length, k, alpha, guidance, active,
+                                                       embryo, n_slots=n_slots, guided=guided, impl=args.impl),
+                                   dev, args.reps * 5)
+                c = step_costs(cfg, model.num_params(), B, K, guided, S)
+                f_floor = c["flops"] / (peaks["matmul_gflops"] * 1e9)
+                b_floor = c["bytes"] / (peaks["copy_gbs"] * 1e9)
+                rows.append({"batch": B, "K": K, "s": s, "step_ms": t_all * 1e3, "forward_ms": t_fwd * 1e3,
+                             "update_ms": t_upd * 1e3, "commit_ms": t_com * 1e3,
+                             "rest_ms": (t_all - t_fwd - t_upd - t_com) * 1e3, "gflop": c["flops"] / 1e9,
+                             "mbytes": c["bytes"] / 1e6, "flop_floor_frac": f_floor / t_all,
+                             "byte_floor_frac": b_floor / t_all, "achieved_gbs": c["bytes"] / t_all / 1e9,
+                             "achieved_gflops": c["flops"] / t_all / 1e9})
+    lines = [f"One eager step (prompt {P}, cache {args.new_tokens} + K − 1 more slots); measured peaks: matmul "
+             f"{peaks['matmul_gflops']:.0f} GFLOP/s (fp32 2048² mm), copy {peaks['copy_gbs']:.1f} GB/s (256 MiB); "
+             "floor fraction = floor time ÷ measured step time.", "",
+             "| batch | K | s | step ms | forward | update | commit | rest | GFLOP/step | MB/step | "
+             "% FLOP floor | % byte floor | achieved GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['K']} | {r['s']:g} | {r['step_ms']:.2f} | {r['forward_ms']:.2f} | "
+              f"{r['update_ms']:.3f} | {r['commit_ms']:.3f} | {r['rest_ms']:.2f} | {r['gflop']:.3f} | "
+              f"{r['mbytes']:.1f} | {100 * r['flop_floor_frac']:.1f} % | {100 * r['byte_floor_frac']:.1f} % | "
+              f"{r['achieved_gbs']:.1f} |" for r in rows]
+    return rows, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# train: maturation vs AR objective
+# --------------------------------------------------------------------------------------
+def section_train(model, args, dev):
+    from train.config import config_from
+    from train.objectives import Objective, plan_step
+    cfg = model.config
+    T = min(128, cfg.n_positions)
+    data = np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000).astype(np.uint16)
+    rows = []
+    for obj in ("ar", "maturation"):
+        tc = config_from(None, {"objective": obj, "init_from": "x" if obj == "maturation" else "scratch",
+                                "block_size": T, "batch_size": args.train_batch, "k_max": min(cfg.k_max, T - 1),
+                                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd})
+        torch.manual_seed(0)
+        m = TMModel(ModelConfig(**{**cfg.to_dict(), "table_trainable": obj == "ar",
+                                   "table_normalised": obj != "ar"})).to(dev).train()
+        objective = Objective(m, tc)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        step = [0]
+
+        def one():
+            mb = plan_step(tc, data, step[0], cfg.n_embd, cfg.vocab_size, 1, args.train_batch)[0]
+            mb.ids = mb.ids.to(dev)
+            step[0] += 1
+            loss, stats = objective(mb)
+            (loss / stats["weight"]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t = timeit(one, dev, reps=args.train_steps, warmup=2)
+        rows.append({"objective": obj, "step_ms": t * 1e3, "tok_s": args.train_batch * T / t})
+    base = rows[0]["tok_s"]
+    lines = [f"Training step (forward + backward + AdamW), batch {args.train_batch} × {T} tokens, same backbone "
+             f"({cfg.n_layer} layers, d={cfg.n_embd}, V={cfg.vocab_size}), median of {args.train_steps} steps:", "",
+             "| objective | step ms | tokens/s | vs AR |", "|---|---|---|---|"]
+    lines += [f"| {r['objective']} | {r['step_ms']:.0f} | {r['tok_s']:.0f} | {r['tok_s'] / base:.2f}× |" for r in rows]
+    return rows, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_child(spec: dict) -> dict:
+    """Run one configuration in this fresh process; peak RSS growth during generate."""
+    torch.set_num_threads(spec["threads"])
+    ns = argparse.Namespace(checkpoint=spec["checkpoint"], random=spec["random"])
+    model, _ = load_model(ns)
+    cfg = model.config
+    B, new, plen = spec["batch"], spec["new"], spec["plen"]
+    prompts = torch.randint(0, cfg.vocab_size, (B, plen), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        if spec["engine"] == "hf":
+            hf = hf_twin(cfg)
+            run = lambda: hf.generate(torch.tensor(prompts), max_new_tokens=new, min_new_tokens=new,  # noqa: E731
+                                      do_sample=False, pad_token_id=0, eos_token_id=None,
+                                      attention_mask=torch.ones(B, plen, dtype=torch.long))
+        else:
+            g = GenerationConfig(max_new_tokens=new, tail=spec["K"], guidance=spec["s"], seed=0, stop_at_eos=False)
+            run = lambda: MaturationEngine(model).generate(prompts, g)  # noqa: E731
+        if spec["engine"] == "hf":  # warm: lazy imports and first-call allocations are not the config's
+            hf.generate(torch.tensor(prompts)[:1, :4], max_new_tokens=2, do_sample=False, pad_token_id=0,
+                        eos_token_id=None, attention_mask=torch.ones(1, 4, dtype=torch.long))
+        else:
+            MaturationEngine(model).generate([prompts[0][:4]], GenerationConfig(max_new_tokens=2, tail=2,
+                                                                                guidance=2.0, stop_at_eos=False))
+        base = _status_kb("VmRSS")
+        exact = _reset_peak()
+        run()
+    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kv = 0.0
+    if spec["engine"] != "hf":  # the static cache the engine allocated for this batch
+        kv = sum(t.numel() * t.element_size() for b in model.blocks for t in (b.attn.kv_cache.k, b.attn.kv_cache.v))
+    return {"peak_growth_mb": (peak - base) / 1024, "base_rss_mb": base / 1024, "exact_peak": exact,
+            "kv_cache_mb": kv / 2 ** 20}
+
+
+def section_memory(model, args, dev):
+    cfg = model.config
+    rows = []
+    configs = [(B, "hf", 0, 1.0) for B in args.batch] + \
+              [(B, "tmfast", K, s) for B in args.batch for K in args.tail for s in args.guidance]
+    for B, eng, K, s in configs:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
+            with torch.no_grad():
+                if eng == "hf":
+                    hf = hf_twin(cfg).to(dev)
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    hf.generate(torch.tensor(prompts, device=dev), max_new_tokens=args.new_tokens,
+                                min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+                    del hf
+                else:
+                    MaturationEngine(model).generate(prompts, GenerationConfig(
+                        max_new_tokens=args.new_tokens, tail=K, guidance=s, seed=0, stop_at_eos=False))
+            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            kv = 0.0 if eng == "hf" else sum(t.numel() * t.element_size() for b in model.blocks
+                                            for t in (b.attn.kv_cache.k, b.attn.kv_cache.v))
+            r = {"peak_growth_mb": peak, "kv_cache_mb": kv / 2 ** 20}
+        else:
+            spec = {"checkpoint": str(args.checkpoint), "random": args.random, "batch": B, "engine": eng, "K": K,
+                    "s": s, "new": args.new_tokens, "plen": args.prompt_len, "threads": torch.get_num_threads()}
+            out = subprocess.run([sys.executable, __file__, "--_memory-child", json.dumps(spec)],
+                                 capture_output=True, text=True, cwd=str(ROOT))
+            if out.returncode != 0:
+                r = {"error": out.stderr.strip().splitlines()[-1][:100]}
+            else:
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"batch": B, "engine": "HF eager" if eng == "hf" else "tmfast eager", "K": K if eng != "hf" else "",
+                     "s": s if eng != "hf" else "", "kv_cache_mb": 0.0, **r})
+    what = "torch.cuda.max_memory_allocated growth" if dev.type == "cuda" else \
+        "peak RSS growth of a fresh process during generate (VmHWM reset after loading and a 2-token warm-up, " \
+        "minus the RSS then; includes allocator slack)"
+    lines = [f"Peak memory per configuration: {what}; KV cache = the static cache the engine allocated (fp32; " \
+             "prompt + new tokens + K − 1 position slots + K scratch slots for the unconditional stream).", "",
+             "| batch | engine | K | s | peak MB | KV cache MB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        s = "" if r["s"] == "" else f"{r['s']:g}"
+        peak = f"{r['peak_growth_mb']:.1f}" if "peak_growth_mb" in r else r.get("error", "?")
+        lines.append(f"| {r['batch']} | {r['engine']} | {r['K']} | {s} | {peak} | "
+                     f"{r['kv_cache_mb']:.2f} |" if r["engine"] != "HF eager" else
+                     f"| {r['batch']} | {r['engine']} | | | {peak} | (dynamic) |")
+    return rows, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CKPT))
+    p.add_argument("--random", action="store_true", help="a random model of the default shape")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--tail", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
+    p.add_argument("--prefix", type=int, nargs="+", default=[128, 512, 1024])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled rows")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--impl", choices=("auto", "triton", "torch"), default=None)
+    p.add_argument("--out", default=None, help="write OUT.md and OUT.json")
+    p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    model, what = load_model(args)
+    model.to(dev)
+    cfg = model.config
+    info = machine_info()
+    info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other jobs on the machine when the run started
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    head = [f"# model: {what} — {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads, V={cfg.vocab_size}, "
+            f"context {cfg.n_positions}, {model.num_params() / 1e6:.2f}M params, fp32, device {dev}",
+            "# machine: " + ", ".join(f"{k}={v}" for k, v in info.items())]
+    print("\n".join(head), flush=True)
+    results, texts = {}, []
+    peaks = measure_peaks(dev) if "breakdown" in args.sections else None
+    t_start = time.perf_counter()
+    for sec in args.sections:
+        t0 = time.perf_counter()
+        fn = {"gen": section_gen, "prefix": section_prefix, "train": section_train, "memory": section_memory,
+              "breakdown": lambda m, a, d: section_breakdown(m, a, d, peaks)}[sec]
+        rows, text = fn(model, args, dev)
+        results[sec] = rows
+        text = f"### {sec}\n\n{text}\n"
+        texts.append(text)
+        print("\n" + text + f"\n_({sec}: {time.perf_counter() - t0:.0f} s)_", flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text("\n".join(head) + "\n\n" + "\n".join(texts))
+        out.with_suffix(".json").write_text(json.dumps(
+            {"model": cfg.to_dict(), "model_source": what, "machine": info, "peaks": peaks,
+             "settings": {k: v for k, v in vars(args).items() if k != "memory_child"}, "results": results,
+             "wall_s": round(time.perf_counter() - t_start, 1)}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

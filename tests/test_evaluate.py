@@ -1,0 +1,133 @@
+"""The evaluation harness: AR decoding against tmfast.ar, judge scores, a tiny end-to-end run."""
+import json
+
+import pytest
+import torch
+
+from tiny import byte_tokenizer, tiny_model
+from tmfast import GenerationConfig, save_checkpoint
+from tmfast.ar import ar_generate, ar_nll
+from tmfast.evaluate import (EvalError, TmfastJudge, ar_decode, main, markdown_table,
+                             prompts_from_documents, _nucleus_pick)
+from tmfast.traces import record_traces
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ar_model():
+    m = tiny_model(vocab_size=257, eos_token_id=0, seed=3)
+    with torch.no_grad():  # make the AR head less self-repeating than a bare random model
+        g = torch.Generator().manual_seed(1)
+        for b in m.blocks:
+            b.mlp.c_proj.weight.add_(torch.randn(b.mlp.c_proj.weight.shape, generator=g) * 0.3)
+    return m
+
+
+PROMPTS = ["hello world", "abc", "The quick brown fox"]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_cached_batched_greedy_equals_ar_generate(ar_model, tok, penalty):
+    ids = [tok.encode(p).ids for p in PROMPTS]
+    ref = [r.token_ids for r in ar_generate(ar_model, tok, ids, max_new_tokens=20, repetition_penalty=penalty,
+                                            stop_at_eos=False)]
+    assert ar_decode(ar_model, ids, 20, repetition_penalty=penalty, batch_size=2) == ref
+
+
+def test_repetition_penalty_changes_something(ar_model, tok):
+    ids = [tok.encode(p).ids for p in PROMPTS]
+    assert ar_decode(ar_model, ids, 20) != ar_decode(ar_model, ids, 20, repetition_penalty=1.3)
+
+
+def test_nucleus_is_seeded_per_sample(ar_model, tok):
+    ids = [tok.encode(p).ids for p in PROMPTS]
+    a = ar_decode(ar_model, ids, 16, top_p=0.9, seeds=[1, 2, 3])
+    assert a == ar_decode(ar_model, ids, 16, top_p=0.9, seeds=[1, 2, 3], batch_size=1)
+    assert a[1:] == ar_decode(ar_model, ids[1:], 16, top_p=0.9, seeds=[2, 3])
+    assert ar_decode(ar_model, ids, 16, top_p=0.9, seeds=[4, 5, 6]) != a
+    # a vanishing nucleus is greedy
+    assert ar_decode(ar_model, ids, 16, top_p=1e-6, seeds=[1, 2, 3]) == ar_decode(ar_model, ids, 16)
+
+
+def test_nucleus_pick_stays_in_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    picks = {int(_nucleus_pick(logits, 0.8, 1.0, torch.tensor([u / 100]))) for u in range(100)}
+    assert picks == {0, 1}
+    picks = {int(_nucleus_pick(logits, 1.0, 1.0, torch.tensor([u / 100]))) for u in range(100)}
+    assert picks == {0, 1, 2, 3}
+
+
+def test_judge_matches_ar_nll(ar_model, tok):
+    ids = [tok.encode(p).ids for p in PROMPTS]
+    conts = ar_decode(ar_model, ids, 10, top_p=0.9, seeds=[1, 2, 3])
+    got = TmfastJudge(ar_model, tok, "x").nll(list(zip(ids, conts)), batch_size=2)
+    for (s, n), p, c in zip(got, ids, conts):
+        rs, rn = ar_nll(ar_model, p, c)
+        assert n == rn and s == pytest.approx(rs, rel=1e-4, abs=1e-4)
+
+
+def test_prompts_from_documents(tok):
+    docs = ["a" * 10, "In the beginning God created the heaven and the earth. " * 4, "xyz " * 20]
+    ps = prompts_from_documents(docs, tok, 4, 8, 6, seed=0)
+    assert len(ps) == 4 and all(len(p.ids) == 8 and len(p.reference) == 6 for p in ps)
+    assert [p.ids for p in ps] == [p.ids for p in prompts_from_documents(docs, tok, 4, 8, 6, seed=0)]
+    with pytest.raises(EvalError):
+        prompts_from_documents(docs, tok, 2, 200, 10, seed=0)
+
+
+def test_traces_index_positions_by_stage(tok):
+    m = tiny_model(vocab_size=257, eos_token_id=0)
+    K = 4
+    g = GenerationConfig(max_new_tokens=10, tail=K, guidance=2.0, alpha_max=0.5, seed=0, stop_at_eos=False)
+    data = record_traces(m, tok, [tok.encode("In the").ids], [g], [1.0])
+    run = data["runs"][0]
+    assert len(run["steps"]) == 10 and len(run["steps"][0]["tail_tokens"]) == K
+    pos = run["by_position"]
+    assert [p["q"] for p in pos] == list(range(K - 1, 10))
+    for p in pos:  # the last stage's top-1 is what was committed
+        assert p["top1"][-1] == p["committed"] == run["committed"][p["q"]]
+        assert all(0 <= e <= data["log_vocab"] + 1e-4 for e in p["entropy"]["1.0"])
+
+
+def test_end_to_end_tiny(tmp_path, tok, capsys):
+    save_checkpoint(tiny_model(vocab_size=257, eos_token_id=0, seed=0), tmp_path / "mat", tok)
+    save_checkpoint(tiny_model(vocab_size=257, eos_token_id=0, seed=1), tmp_path / "ar", tok)
+    (tmp_path / "prompts.txt").write_text("In the beginning\n\nAnd God said\n")
+    argv = ["--maturation", str(tmp_path / "mat"), "--ar", str(tmp_path / "ar"), "--prompts",
+            str(tmp_path / "prompts.txt"), "--max-new-tokens", "8", "--tails", "4", "64", "--guidance", "1", "2",
+            "--alpha-max", "1", "0.5", "--best-of", "3", "--out", str(tmp_path / "out" / "q"), "--traces", "1",
+            "--trace-tail", "4", "--trace-tau", "1"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    doc = json.loads((tmp_path / "out" / "q.json").read_text())
+    names = [m["name"] for m in doc["methods"]]
+    assert names[:4] == ["AR greedy", "AR greedy + rep. penalty 1.2", "AR nucleus p=0.9", "AR best-of-3 (judge rerank)"]
+    assert len(names) == 4 + 2 * 2 * 2
+    for m in doc["methods"]:
+        if "K=64" in m["name"]:
+            assert m["skipped"] and "k_max" in m["skipped"]
+            continue
+        assert m["skipped"] is None and len(m["samples"]) == 2
+        assert all(len(s["token_ids"]) == 8 for s in m["samples"])
+        assert m["metrics"]["judge_ppl"] > 1 and 0 < m["metrics"]["dist1"] <= 1
+    assert (tmp_path / "out" / "q.md").read_text().strip() in first.strip()
+    for name in ("entropy.png", "flicker.png", "displacement.png", "traces.json"):
+        assert (tmp_path / "out" / "traces" / name).stat().st_size > 0
+    assert main(argv[:-6] + ["--traces", "0"]) == 0  # the same seed gives the same table
+    assert capsys.readouterr().out == first
+
+
+def test_bad_input_is_one_line_error(tmp_path, capsys):
+    assert main(["--maturation", str(tmp_path / "nope"), "--ar", "none", "--prompts", "x.txt"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_markdown_table_marks_skipped():
+    from tmfast.evaluate import MethodResult
+    t = markdown_table([MethodResult("a", "ar", {}, metrics={"dist1": 0.5}), MethodResult("b", "maturation", {},
+                                                                                          skipped="why")])
+    assert "| a | 0.500 |" in t and "| b | — |" in t and "skipped (why)" in t
