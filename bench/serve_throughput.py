@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +20,11 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import machine  # noqa: E402
-
-from tmfast.checkpoint import load_checkpoint  # noqa: E402
-from tmfast.cli import DEFAULT_CHECKPOINT  # noqa: E402
-from tmfast.engine import Engine  # noqa: E402
-from tmfast.server import create_app  # noqa: E402
+from tmfast.checkpoint import load_checkpoint
+from tmfast.cli import DEFAULT_CHECKPOINT
+from tmfast.engine import Engine
+from tmfast.evaluate import machine_info
+from tmfast.server import create_app
 
 PROMPTS = ["And it came to pass", "In the beginning", "The LORD is my shepherd", "And Jesus answered",
            "Blessed are the", "Now the serpent was", "For God so loved", "Let there be"]
@@ -72,7 +69,7 @@ def main(argv=None):
     while not server.started:
         time.sleep(0.05)
     body = {"max_tokens": args.max_tokens, "tail": args.tail, "guidance": args.guidance}
-    info = machine()
+    info = machine_info()
     print(f"# model: {args.checkpoint} ({model.num_params() / 1e6:.1f}M params); max_batch={args.max_batch}, "
           f"K={args.tail}, s={args.guidance:g}, {args.max_tokens} new tokens per request")
     print("# machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -24,22 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from naive_reference import naive_generate  # noqa: E402
 
 from tmfast import GenerationConfig, MaturationEngine, ModelConfig, TMModel  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+from tmfast.evaluate import machine_info  # noqa: E402
 
 
 def engine_step_times(engine, prompt, g, warmup: int) -> list[float]:
@@ -69,7 +53,7 @@ def main(argv=None):
     cfg = ModelConfig(vocab_size=args.vocab, n_positions=max(1024, n_pos), n_layer=args.n_layer,
                       n_head=args.n_head, n_embd=args.n_embd, k_max=max(64, max(args.tail)))
     model = TMModel(cfg).eval()
-    info = machine()
+    info = machine_info()
     print(f"# model: {args.n_layer} layers, d={args.n_embd}, V={args.vocab} "
           f"({model.num_params() / 1e6:.0f}M params), fp32")
     print("# machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))

@@ -10,6 +10,8 @@ from pathlib import Path
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, GenerationConfig
 from .engine import GenerationError, MaturationEngine, StepEvent
+from .evaluate import add_arguments as add_eval_arguments
+from .evaluate import run as run_eval
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_CHECKPOINT = ASSETS / "maturation"
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--compile", action="store_true")
     sv.add_argument("--impl", choices=("auto", "triton", "torch"), default=None)
     sv.add_argument("--device", default="cpu")
+
+    add_eval_arguments(sub.add_parser("eval", help="quality table (Dist-n, Rep-n, Loop %%, judge PPL) and traces"))
     return p
 
 
@@ -151,6 +155,8 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "eval":
+            return run_eval(args)
     except (UsageError, ConfigError, GenerationError, CheckpointError) as e:
         print(f"tmfast: error: {e}", file=sys.stderr)
         return 2

@@ -235,7 +235,9 @@ class DecodeBatch:
             self.alpha[slot].zero_()
             self.alpha[slot, :g.tail] = torch.tensor(g.alpha_profile())
             self.guidance[slot] = g.guidance
-            self.guided[slot] = g.guidance != 1.0
+            # with K = 1 the only slot's prediction comes from a committed position, which both
+            # streams share: guidance cannot change anything, so its stream is not computed
+            self.guided[slot] = g.guidance != 1.0 and g.tail > 1
         self.n_active += len(items)
 
     def release(self, slot: int) -> int | None:
