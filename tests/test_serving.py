@@ -137,3 +137,24 @@ def test_async_iteration(model):
     events = asyncio.run(drain())
     assert [t for e in events for t in e.token_ids] == naive_generate(model, PROMPTS[3], GENS[3])
     assert events[-1].request_id == rid and events[-1].finished
+
+
+def test_text_delta_holds_back_what_a_stop_string_may_complete():
+    from tmfast.engine import Sequence
+
+    class CharTokenizer:  # one character per token id
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+    seq = Sequence("r", [1], 1, GenerationConfig(max_new_tokens=20, stop=("bd", "az")), CharTokenizer(), None, True)
+    streamed = []
+    for ch in "xab":
+        seq.commit(ord(ch))
+        streamed.append(seq.text_delta())
+    # "a" is held while it may become "az"; once "b" follows, only "b" (maybe "bd") is held
+    assert streamed == ["x", "", "a"]
+    seq.commit(ord("e"))
+    assert seq.text_delta() == "be" and not seq.finished
+    seq.commit(ord("b"))
+    seq.commit(ord("d"))
+    assert seq.finished and seq.finish_reason == "stop" and seq.text_delta() == ""
+    assert seq.final_text() == "xabe"

@@ -389,11 +389,9 @@ class Sequence:
         if not self.finished:
             while end > self._emitted and text[end - 1] == "\ufffd":
                 end -= 1
-            for s in self.gen.stop:
-                for n in range(min(len(s) - 1, end - self._emitted), 0, -1):
-                    if text[end - n:end] == s[:n]:
-                        end -= n
-                        break
+            # the longest tail of the text that some stop string could still complete
+            end -= max((n for s in self.gen.stop for n in range(min(len(s) - 1, end - self._emitted), 0, -1)
+                        if text[end - n:end] == s[:n]), default=0)
         delta, self._emitted = text[self._emitted:end], max(self._emitted, end)
         return delta
 
@@ -405,7 +403,7 @@ class RequestEvent:
     token_ids: list[int]  # committed this step (empty when the step committed EOS or nothing)
     text: str  # new text to append
     finished: bool = False
-    finish_reason: str | None = None  # "eos" | "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "eos" | "stop" | "length" | "abort" | "error"
     tail_tokens: list[int] | None = None  # nearest token per tail slot (return_tail)
     tail_entropy: list[float] | None = None  # per tail slot (return_stats)
     delta_norm: list[float] | None = None  # ‖Δz̃‖ per tail slot (return_stats)
