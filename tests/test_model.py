@@ -44,8 +44,10 @@ def test_hf_import_table_is_normalised_to_mean_wte_norm(hf_dir):
     torch.testing.assert_close(cos, torch.ones_like(cos))
 
 
-def test_conditioning_is_identity_at_init_and_learnable():
-    model = TMModel(ModelConfig(vocab_size=50, n_positions=32, n_layer=2, n_head=2, n_embd=16, k_max=8))
+@pytest.mark.parametrize("film", ["every_block", "input"])
+def test_conditioning_is_identity_at_init_and_learnable(film):
+    model = TMModel(ModelConfig(vocab_size=50, n_positions=32, n_layer=2, n_head=2, n_embd=16, k_max=8, film=film))
+    assert model.tail_film.embed.weight.shape[1] == 2 * 16 * (2 if film == "every_block" else 1)
     x = torch.randn(2, 10, 16)
     a, k = torch.rand(2, 10), torch.tensor([3, 8])
     torch.testing.assert_close(model.hidden(x, alpha=a, k=k), model.hidden(x))
@@ -83,6 +85,7 @@ def test_tail_only_mask_cuts_the_tail_off_its_history():
     (dict(k_max=0), "k_max"),
     (dict(table_radius=-1.0), "table_radius"),
     (dict(n_layer=0), "n_layer"),
+    (dict(film="output"), "film"),
 ])
 def test_bad_model_config(bad, match):
     with pytest.raises(ConfigError, match=match):

@@ -36,6 +36,7 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-5
     dropout: float = 0.0
     k_max: int = 64  # largest tail length the K-conditioning knows
+    film: str = "every_block"  # where K's FiLM applies: "every_block" | "input" (an open point of the paper)
     table_radius: float = 1.0  # R: every table row has this l2 norm (when normalised)
     table_normalised: bool = True  # False only for the AR baseline's free embedding
     table_trainable: bool = False  # frozen by default (the paper's setting)
@@ -48,6 +49,8 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}", name)
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})", "n_embd")
+        if self.film not in ("every_block", "input"):
+            raise ConfigError(f"film must be 'every_block' or 'input', got {self.film!r}", "film")
         if not (self.table_radius > 0 and math.isfinite(self.table_radius)):
             raise ConfigError(f"table_radius must be positive and finite, got {self.table_radius!r}", "table_radius")
 

@@ -7,7 +7,7 @@ objective (`table.logits(hidden(...))`).
 
 Conditioning, both zero-initialised so a pretrained backbone is unchanged:
   maturity  h_t += MLP(SinEmb(α_t))         (per position)
-  tail len  h ← (1+γ_l(K)) ⊙ h + β_l(K)      (FiLM at the input of every block)
+  tail len  h ← (1+γ_l(K)) ⊙ h + β_l(K)      (FiLM at the input of every block, or of the first)
 
 Static KV cache (gpt-fast's setup_caches): one (B, S, H, hd) buffer per layer.
 A cached call names, per input position, the cache slot its K/V go to; it
@@ -149,7 +149,7 @@ class TMModel(nn.Module):
         self.wpe = nn.Embedding(cfg.n_positions, d)
         self.drop = nn.Dropout(cfg.dropout)
         self.maturity = MaturityConditioning(d)
-        self.tail_film = TailLengthFiLM(cfg.k_max, cfg.n_layer, d)
+        self.tail_film = TailLengthFiLM(cfg.k_max, cfg.n_layer if cfg.film == "every_block" else 1, d)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d, eps=cfg.layer_norm_epsilon)
         self.vector_head = nn.Linear(d, d)  # identity at init: the tied-head direction
@@ -195,7 +195,7 @@ class TMModel(nn.Module):
             mask = causal_mask(T, x.device)
         film = self.tail_film(k) if k is not None else None
         for i, block in enumerate(self.blocks):
-            if film is not None:
+            if film is not None and i < len(film):  # every block, or the first only ("input")
                 h = h * (1 + film[i, 0]) + film[i, 1]
             h = block(h, mask, cache_slots, cache_rows)
         return self.ln_f(h)

@@ -85,6 +85,7 @@ class TrainConfig:
     noise_scale: float = 0.1  # isotropic noise norm as a fraction of R (the engine's embryo_scale)
     tail_position: str = "random"  # where the K-slot tail sits: "random" start per sequence | "end"
     uncond_prob: float = 0.1  # share of sequences trained with the tail-only mask (guidance)
+    film: str = "every_block"  # K's FiLM at every block's input, or only the first ("input")
     tail_weighting: str = "uniform"  # loss weight of tail outputs: "uniform" | "alpha" | "inverse_alpha"
     prefix_loss: bool = True  # also train outputs on the clean prefix (teacher forcing everywhere)
     head_init: str = "match_norm"  # vector head at init: "identity" | "match_norm" (identity × R/mean‖h‖)
@@ -115,6 +116,8 @@ class TrainConfig:
             err.append(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if not (0 <= self.dropout < 1):
             err.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.film not in ("every_block", "input"):
+            err.append(f"film must be every_block | input, got {self.film!r}")
         if not (0 <= self.uncond_prob <= 1):
             err.append(f"uncond_prob must be in [0, 1], got {self.uncond_prob!r}")
         if not (0 < self.alpha_max <= 1):

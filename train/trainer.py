@@ -131,7 +131,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int | None) -> TMMode
         w = src.table.weight.detach().float()
         R = cfg.table_radius or float(w.norm(dim=-1).mean())
         mc = ModelConfig(**{**sc.to_dict(), "dropout": cfg.dropout, "k_max": cfg.k_max, "table_radius": R,
-                            "table_normalised": True, "table_trainable": cfg.table_trainable})
+                            "table_normalised": True, "table_trainable": cfg.table_trainable, "film": cfg.film})
     if mc.n_positions < cfg.block_size:
         raise ConfigError(f"block_size {cfg.block_size} exceeds the model context {mc.n_positions}")
     torch.manual_seed(cfg.seed)
