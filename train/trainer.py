@@ -143,9 +143,10 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int | None) -> TMMode
                 model.table.load_rows(t)
             elif name in ours and ours[name].shape == t.shape:
                 ours[name].copy_(t)
-            elif name == "tail_film.embed.weight":  # different k_max: keep the rows both know
-                n = min(len(t), len(ours[name]))
+            elif name == "tail_film.embed.weight" and t.shape[1] == ours[name].shape[1]:
+                n = min(len(t), len(ours[name]))  # different k_max: keep the rows both know
                 ours[name][:n].copy_(t[:n])
+            # another FiLM placement has another layout: that conditioning starts again at identity
     return model
 
 
