@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from tmfast import GenerationConfig, MaturationEngine, ModelConfig, TMModel, load_checkpoint  # noqa: E402
-from tmfast.engine import decode_step  # noqa: E402
+from tmfast.engine import decode_step, step_window  # noqa: E402
 from tmfast.evaluate import machine_info  # noqa: E402
 from csrc_triton import maturation_update, nn_commit  # noqa: E402
 
@@ -280,21 +280,7 @@ def section_breakdown(model, args, dev, peaks):
                 guidance = torch.full((B,), s, device=dev)
                 active = torch.ones(B, dtype=torch.bool, device=dev)
                 embryo = torch.zeros(B, d, device=dev)
-                # the forward's inputs, exactly as decode_step builds them
-                j = torch.arange(K, device=dev)
-                Pv = length.view(B, 1)
-                pos = torch.cat([Pv - 1, Pv + j], 1)
-                slot, lo, hi = pos, torch.zeros_like(pos), pos
-                x = torch.cat([last.unsqueeze(1), tail], 1)
-                a_in = torch.cat([torch.ones(B, 1, device=dev), alpha], 1)
-                if guided:
-                    scratch = (n_slots + j).expand(B, K)
-                    pos, slot = torch.cat([pos, Pv + j], 1), torch.cat([slot, scratch], 1)
-                    lo = torch.cat([lo, torch.full_like(scratch, n_slots)], 1)
-                    hi = torch.cat([hi, scratch], 1)
-                    x, a_in = torch.cat([x, tail], 1), torch.cat([a_in, alpha], 1)
-                sidx = torch.arange(S, device=dev).view(1, 1, -1)
-                mask = ((sidx >= lo.unsqueeze(-1)) & (sidx <= hi.unsqueeze(-1))).unsqueeze(1)
+                x, pos, a_in, mask, slot = step_window(model, last, tail, length, alpha, n_slots, guided)
                 with torch.no_grad():
                     out = model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache_slots=slot)
                     pred_c = out[:, :K]

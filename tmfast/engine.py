@@ -71,27 +71,13 @@ def prefill(model: TMModel, x: torch.Tensor, k: torch.Tensor, rows: torch.Tensor
                  cache_slots=t.expand(n, T), cache_rows=rows)
 
 
-def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, embryo,
-                n_slots: int, guided: bool, impl: str | None = None, probe: bool = False,
-                entropy_tau: float | None = None, table_inv_norm: torch.Tensor | None = None):
-    """One maturation step for the whole batch. Shapes never change between steps.
-
-    last (B,d) committed vector at position length-1; tail (B,Kw,d) front first;
-    length (B,) committed count P; k (B,) tail lengths ≤ Kw; alpha (B,Kw) (0 on dead slots);
-    guidance (B,); active (B,) bool; embryo (B,d) the vector appended this step.
-    n_slots: cache slots for positions (the unconditional stream's scratch slots follow).
-    The B sequences own KV-cache rows 0..B-1 (a prefix of the cache: a view, no copy).
-    probe: also return each tail slot's nearest token (and, with entropy_tau, the entropy of
-    softmax(cos(z̃,E)/τ), using table_inv_norm), measured after the update and before the
-    shift (slot 0 = committed). A slot whose vector is not finite commits index -1 (no sync
-    here: the caller ends that sequence alone).
-    Returns (last, tail, length, committed ids, ‖Δz̃‖, ‖z̃‖, commit score, probe ids, probe entropy).
-    """
-    B, Kw, d = tail.shape
+def step_window(model: TMModel, last, tail, length, alpha, n_slots: int, guided: bool):
+    """The step's forward inputs: (x, pos, alpha_in, mask, cache slots) for the window
+    [last committed | tail | tail again if guided] of every sequence (see decode_step)."""
+    B, Kw, _ = tail.shape
     dev = tail.device
     j = torch.arange(Kw, device=dev)
     P = length.view(B, 1)
-
     pos = torch.cat([P - 1, P + j], dim=1)  # c0, tail
     slot, lo, hi = pos, torch.zeros_like(pos), pos
     x = torch.cat([last.unsqueeze(1), tail], dim=1)
@@ -106,18 +92,38 @@ def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, 
         a_in = torch.cat([a_in, alpha], dim=1)
     s = torch.arange(model.blocks[0].attn.kv_cache.k.shape[1], device=dev).view(1, 1, -1)
     mask = ((s >= lo.unsqueeze(-1)) & (s <= hi.unsqueeze(-1))).unsqueeze(1)
+    return x, pos.clamp(max=model.config.n_positions - 1), a_in, mask, slot
 
-    out = model(x, pos=pos.clamp(max=model.config.n_positions - 1), alpha=a_in, k=k, mask=mask,
-                cache_slots=slot)
+
+def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, embryo,
+                n_slots: int, guided: bool, impl: str | None = None, probe: bool = False,
+                entropy_tau: float | None = None, table_inv_norm: torch.Tensor | None = None):
+    """One maturation step for the whole batch. Shapes never change between steps.
+
+    last (B,d) committed vector at position length-1; tail (B,Kw,d) front first;
+    length (B,) committed count P; k (B,) tail lengths ≤ Kw; alpha (B,Kw) (0 on dead slots);
+    guidance (B,); active (B,) bool; embryo (B,d) the vector appended this step.
+    n_slots: cache slots for positions (the unconditional stream's scratch slots follow).
+    The B sequences own KV-cache rows 0..B-1 (a prefix of the cache: a view, no copy).
+    probe: also return each tail slot's nearest token (and, with entropy_tau, the entropy of
+    softmax(cos(z̃,E)/τ), using table_inv_norm), measured after the update and before the
+    shift (slot 0 = committed). A slot whose vector is not finite commits index -1 (no sync
+    here: the caller ends that sequence alone).
+    Returns (last, tail, length, committed ids, ‖Δz̃‖, probe ids, probe entropy).
+    """
+    B, Kw, d = tail.shape
+    j = torch.arange(Kw, device=tail.device)
+    x, pos, a_in, mask, slot = step_window(model, last, tail, length, alpha, n_slots, guided)
+    out = model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache_slots=slot)
     pred_c = out[:, :Kw]
     pred_u = torch.cat([out[:, :1], out[:, 1 + Kw:2 * Kw]], dim=1) if guided else None
 
     tail = tail.clone()
-    delta_norm, tail_norm = maturation_update(
+    delta_norm, _ = maturation_update(
         tail, pred_c, alpha * active.unsqueeze(1), pred_uncond=pred_u,
         guidance=guidance if guided else None, impl=impl)
     table = model.table.weight
-    idx, score, _, _ = nn_commit(tail[:, 0], table, impl=impl, check_finite=False)
+    idx, _, _, _ = nn_commit(tail[:, 0], table, impl=impl, check_finite=False)
     probe_ids = probe_entropy = None
     if probe:  # a separate call: probing must never change what is committed
         probe_ids, _, _, probe_entropy = nn_commit(tail.reshape(B * Kw, d), table, entropy_tau=entropy_tau,
@@ -131,8 +137,7 @@ def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, 
     act = active.view(B, 1)
     new_tail = torch.where(act.unsqueeze(-1), shifted, tail)
     new_last = torch.where(act, model.table(idx.clamp(min=0)), last)
-    return (new_last, new_tail, length + active.long(), idx, delta_norm, tail_norm, score,
-            probe_ids, probe_entropy)
+    return new_last, new_tail, length + active.long(), idx, delta_norm, probe_ids, probe_entropy
 
 
 # --------------------------------------------------------------------------------------
@@ -278,7 +283,7 @@ class DecodeBatch:
         active = torch.arange(size, device=dev) < n
         # the unconditional stream is only computed while some running sequence asks for guidance
         guided = any(self.guided[:n])
-        (last, tail, length, idx, delta, _, _, probe_ids, probe_ent) = self.step_fn(
+        (last, tail, length, idx, delta, probe_ids, probe_ent) = self.step_fn(
             self.model, self.last[:size], self.tail[:size], self.length[:size], self.k[:size],
             self.alpha[:size], self.guidance[:size], active, embryo, n_slots=self.max_len,
             guided=guided, impl=self.impl, probe=probe, entropy_tau=entropy_tau,
