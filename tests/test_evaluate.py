@@ -6,9 +6,8 @@ import torch
 
 from tiny import byte_tokenizer, tiny_model
 from tmfast import GenerationConfig, save_checkpoint
-from tmfast.ar import ar_generate, ar_nll
-from tmfast.evaluate import (EvalError, TmfastJudge, ar_decode, main, markdown_table,
-                             prompts_from_documents, _nucleus_pick)
+from tmfast.ar import _nucleus_pick, ar_decode, ar_generate, ar_nll
+from tmfast.evaluate import EvalError, TmfastJudge, main, markdown_table, prompts_from_documents
 from tmfast.traces import record_traces
 
 

@@ -5,7 +5,10 @@ The AR head is the tied table: logits_t = E · h_t (model.table.logits of model.
                   (Keskar et al. 2019: a logit of a token already in the sequence is
                   divided by p when positive, multiplied by p when negative)
     ar_nll        per-token negative log-likelihood of continuations (judge perplexity)
-No cache: the whole sequence is recomputed each step (the models this serves are small).
+    ar_decode     the fast path: batched over a static KV cache, greedy / repetition
+                  penalty / nucleus sampling with one generator per sample
+ar_generate recomputes the whole sequence each step: the simple reference ar_decode is
+tested against.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError
 from .model import TMModel
 
 
@@ -92,3 +96,98 @@ def ar_nll(model: TMModel, prompt_ids: Sequence[int], continuation_ids: Sequence
     logp = F.log_softmax(ar_logits(model, x)[0].float(), dim=-1)
     nll = -logp[torch.arange(len(y)), y][-n:]
     return float(nll.sum()), n
+
+
+# --------------------------------------------------------------------------------------
+# AR decoding: batched, static KV cache
+# --------------------------------------------------------------------------------------
+def _nucleus_pick(logits: torch.Tensor, top_p: float, temperature: float, u: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row from the top-p nucleus, by inverse CDF with given uniforms u (B,)."""
+    probs = F.softmax(logits / temperature, dim=-1)
+    sp, si = probs.sort(dim=-1, descending=True)
+    cum = sp.cumsum(-1)
+    keep = (cum - sp) < top_p  # the smallest prefix whose mass reaches top_p (first always kept)
+    sp = sp * keep
+    cdf = sp.cumsum(-1)
+    r = (u.to(cdf) * cdf[:, -1]).unsqueeze(1)
+    j = torch.searchsorted(cdf, r, right=True).clamp(max=sp.shape[1] - 1)
+    j = torch.minimum(j, keep.sum(-1, keepdim=True) - 1)
+    return si.gather(1, j).squeeze(1)
+
+
+@torch.no_grad()
+def ar_decode(model: TMModel, prompts: list[list[int]], max_new_tokens: int, *, repetition_penalty: float = 1.0,
+              top_p: float | None = None, temperature: float = 1.0, seeds: list[int] | None = None,
+              stop_at_eos: bool = False, batch_size: int = 64) -> list[list[int]]:
+    """AR continuations of token-id prompts with the tied-table head, batched over a static
+    KV cache. Greedy when top_p is None (optionally with the CTRL repetition penalty, as in
+    tmfast.ar), else nucleus sampling whose randomness comes from one generator per sample
+    (seeds[i]), so a sample does not depend on its batch. The model's caches are restored."""
+    if repetition_penalty <= 0:
+        raise ConfigError("repetition_penalty must be > 0")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise ConfigError("top_p must be in (0, 1]")
+    if top_p is not None and seeds is None:
+        raise ConfigError("nucleus sampling needs one seed per prompt")
+    out: list[list[int]] = []
+    saved = [b.attn.kv_cache for b in model.blocks]
+    try:
+        for lo in range(0, len(prompts), batch_size):
+            chunk = prompts[lo:lo + batch_size]
+            sd = seeds[lo:lo + batch_size] if seeds is not None else None
+            out.extend(_ar_decode_batch(model, chunk, max_new_tokens, repetition_penalty, top_p, temperature,
+                                        sd, stop_at_eos))
+    finally:
+        for b, c in zip(model.blocks, saved):
+            b.attn.kv_cache = c
+    return out
+
+
+def _ar_decode_batch(model, prompts, max_new, penalty, top_p, temperature, seeds, stop_at_eos):
+    cfg = model.config
+    dev = model.table.weight.device
+    B = len(prompts)
+    L = torch.tensor([len(p) for p in prompts], device=dev)
+    n_slots = int(L.max()) + max_new
+    if n_slots > cfg.n_positions:
+        raise ConfigError(f"prompt ({int(L.max())} tokens) + {max_new} new tokens exceed the AR model's "
+                        f"context of {cfg.n_positions}")
+    model.setup_caches(B, n_slots)
+    T_pre = int(L.max()) - 1
+    if T_pre > 0:
+        padded = torch.zeros(B, T_pre, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            padded[b, :len(p) - 1] = torch.tensor(p[:-1])
+        t = torch.arange(T_pre, device=dev)
+        mask = torch.arange(n_slots, device=dev).view(1, 1, 1, -1) <= t.view(1, 1, T_pre, 1)
+        model.hidden(model.table(padded), pos=t.expand(B, T_pre), mask=mask, cache_slots=t.expand(B, T_pre))
+    last = torch.tensor([p[-1] for p in prompts], device=dev)
+    pos = L - 1
+    seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=dev)
+    if penalty != 1.0:
+        for b, p in enumerate(prompts):
+            seen[b, p] = True
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds] if top_p is not None else None
+    s_idx = torch.arange(n_slots, device=dev).view(1, 1, 1, -1)
+    toks = []
+    for _ in range(max_new):
+        mask = s_idx <= pos.view(B, 1, 1, 1)
+        h = model.hidden(model.table(last).unsqueeze(1), pos=pos.view(B, 1), mask=mask,
+                         cache_slots=pos.view(B, 1))
+        logits = model.table.logits(h[:, 0]).float()
+        if penalty != 1.0:
+            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        if top_p is None:
+            tok = logits.argmax(-1)
+        else:
+            u = torch.cat([torch.rand(1, generator=g) for g in gens])
+            tok = _nucleus_pick(logits, top_p, temperature, u)
+        toks.append(tok)
+        if penalty != 1.0:
+            seen[torch.arange(B, device=dev), tok] = True
+        last, pos = tok, pos + 1
+    ids = torch.stack(toks, 1).tolist()
+    eos = cfg.eos_token_id
+    if stop_at_eos and eos is not None:
+        ids = [r[:r.index(eos)] if eos in r else r for r in ids]
+    return ids
