@@ -44,6 +44,15 @@ def test_json_and_batch_file(ckpt, tmp_path, capsys):
     assert all(len(r["token_ids"]) == 6 and r["finish_reason"] == "length" for r in rows)
 
 
+def test_noise_flags_reach_the_engine(ckpt, capsys):
+    base = ["generate", "Hello", "--checkpoint", ckpt, "--max-new-tokens", "12", "--tail", "4", "--json"]
+    plain = json.loads(run(base, capsys)[1])["token_ids"]
+    noisy = [json.loads(run(base + flags, capsys)[1])["token_ids"]
+             for flags in (["--tail-noise", "2"], ["--history-noise", "2"])]
+    assert all(n != plain for n in noisy)
+    assert json.loads(run(base + ["--tail-noise", "2"], capsys)[1])["token_ids"] == noisy[0]  # seeded
+
+
 def test_show_tail_draws_every_step(ckpt, capsys):
     code, out, _ = run(["generate", "Hi", "--checkpoint", ckpt, "--max-new-tokens", "5", "--tail", "3",
                         "--show-tail"], capsys)
@@ -59,6 +68,8 @@ def test_show_tail_draws_every_step(ckpt, capsys):
     (["generate", "hi", "--max-new-tokens", "100"], "at most"),
     (["generate", "--batch-file", "/nonexistent/prompts.txt"], "batch file not found"),
     (["generate", "hi", "--batch-file", "/nonexistent/prompts.txt"], "not both"),
+    (["generate", "hi", "--tail-noise", "-0.1"], "tail_noise must be"),
+    (["generate", "hi", "--history-noise", "-1"], "history_noise must be"),
 ])
 def test_bad_input_is_a_one_line_error(ckpt, capsys, args, message):
     code, out, err = run(args + ["--checkpoint", ckpt], capsys)

@@ -54,6 +54,29 @@ def test_sequence_is_the_same_alone_and_inside_a_batch(model):
         assert r.token_ids == alone.token_ids == naive_generate(model, prompt, g)
 
 
+@pytest.mark.parametrize("hist,jit", [(0.3, 0.0), (0.0, 0.2), (0.3, 0.2)])
+def test_history_and_tail_noise_match_naive_reference_alone_and_in_a_mixed_batch(model, hist, jit):
+    # noisy and noise-free sequences share a batch: each must equal its own naive run
+    gens = [GenerationConfig(max_new_tokens=16, tail=K, guidance=s, alpha_max=0.7, seed=seed,
+                             history_noise=hist if seed % 2 else 0.0, tail_noise=jit if seed % 2 else 0.0)
+            for K, s, seed in ((4, 2.0, 1), (16, 1.0, 2), (8, 2.0, 3), (16, 2.0, 4))]  # noisy: 0 and 2
+    batched = MaturationEngine(model).generate(PROMPTS, gens)
+    for prompt, g, r in zip(PROMPTS, gens, batched):
+        assert r.token_ids == naive_generate(model, prompt, g)
+    clean = MaturationEngine(model).generate(PROMPTS, [GenerationConfig(**{**g.to_dict(), "history_noise": 0.0,
+                                                                           "tail_noise": 0.0}) for g in gens])
+    assert [r.token_ids for r in clean][1::2] == [r.token_ids for r in batched][1::2]
+    assert [r.token_ids for r in clean][0::2] != [r.token_ids for r in batched][0::2], "the noise did nothing"
+
+
+@pytest.mark.parametrize("name", ["history_noise", "tail_noise"])
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_bad_noise_settings_are_config_errors(name, bad):
+    with pytest.raises(ConfigError) as e:
+        GenerationConfig(**{name: bad})
+    assert e.value.param == name
+
+
 def test_compiled_step_never_recompiles_and_matches_eager(model):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

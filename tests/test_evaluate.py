@@ -98,14 +98,19 @@ def test_end_to_end_tiny(tmp_path, tok, capsys):
     (tmp_path / "prompts.txt").write_text("In the beginning\n\nAnd God said\n")
     argv = ["--maturation", str(tmp_path / "mat"), "--ar", str(tmp_path / "ar"), "--prompts",
             str(tmp_path / "prompts.txt"), "--max-new-tokens", "8", "--tails", "4", "64", "--guidance", "1", "2",
-            "--alpha-max", "1", "0.5", "--best-of", "3", "--out", str(tmp_path / "out" / "q"), "--traces", "1",
+            "--alpha-max", "1", "0.5", "--best-of", "3",
+            "--maturation-row", '{"name": "noisy", "tail": 4, "alpha_max": 0.7, "tail_noise": 0.5, "history_noise": 0.5}',
+            "--out", str(tmp_path / "out" / "q"), "--traces", "1",
             "--trace-tail", "4", "--trace-tau", "1"]
     assert main(argv) == 0
     first = capsys.readouterr().out
     doc = json.loads((tmp_path / "out" / "q.json").read_text())
     names = [m["name"] for m in doc["methods"]]
     assert names[:4] == ["AR greedy", "AR greedy + rep. penalty 1.2", "AR nucleus p=0.9", "AR best-of-3 (judge rerank)"]
-    assert len(names) == 4 + 2 * 2 * 2
+    assert len(names) == 4 + 2 * 2 * 2 + 1 and names[-1] == "noisy"
+    noisy, plain = doc["methods"][-1], [m for m in doc["methods"] if m["name"] == "maturation K=4 s=1 α_max=0.5"][0]
+    assert noisy["settings"]["tail_noise"] == 0.5 and plain["settings"]["tail_noise"] == 0.0
+    assert [x["token_ids"] for x in noisy["samples"]] != [x["token_ids"] for x in plain["samples"]]
     for m in doc["methods"]:
         if "K=64" in m["name"]:
             assert m["skipped"] and "k_max" in m["skipped"]
@@ -123,6 +128,17 @@ def test_end_to_end_tiny(tmp_path, tok, capsys):
 def test_bad_input_is_one_line_error(tmp_path, capsys):
     assert main(["--maturation", str(tmp_path / "nope"), "--ar", "none", "--prompts", "x.txt"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row", ['[1]', '{"tail": 0}', '{"bogus": 1}', '{"seed": 3}', 'nope'])
+def test_bad_maturation_row_is_one_line_error(tmp_path, capsys, row):
+    save_checkpoint(tiny_model(vocab_size=257, eos_token_id=0, seed=0), tmp_path / "mat", byte_tokenizer())
+    (tmp_path / "p.txt").write_text("In the beginning\n")
+    assert main(["--maturation", str(tmp_path / "mat"), "--ar", "none", "--judge", "none", "--prompts",
+                 str(tmp_path / "p.txt"), "--max-new-tokens", "4", "--tails", "1", "--guidance", "1",
+                 "--alpha-max", "1", "--maturation-row", row, "--out", "", "--traces", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error" in err
 
 
 def test_markdown_table_marks_skipped():

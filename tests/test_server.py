@@ -121,6 +121,8 @@ def test_concurrent_clients_get_their_own_answers(served, reference):
     ({"prompt": "hi", "stop": [""]}, 400, "stop"),
     ({"prompt": "hi", "n": 2}, 400, "n"),
     ({"prompt": "hi", "guidance": "strong"}, 400, "guidance"),
+    ({"prompt": "hi", "tail_noise": -1}, 400, "tail_noise"),
+    ({"prompt": "hi", "history_noise": -0.5}, 400, "history_noise"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_field(served, payload, status, param):
     kw = {"content": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, bytes) \

@@ -122,6 +122,53 @@ def test_maturation_checkpoint_runs_in_engine(mat_ckpt, ar_ckpt):
     assert n == 8 and nll > 0
 
 
+@pytest.mark.parametrize("K", [1, 2, 6])
+def test_unrolled_tail_is_the_engines_own_tail(K):
+    """self_cond_prob trains on the tail the engine would hold: check it against the engine,
+    committing what the engine committed, from the step where both start with embryos."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import tiny_model
+
+    from tmfast.engine import EmbryoStream, Engine
+    from train.objectives import Objective, alpha_ramp
+    torch.manual_seed(0)
+    model = tiny_model()
+    prompt = [5, 6, 7, 8, 9]
+    g = GenerationConfig(max_new_tokens=20, tail=K, alpha_max=0.7, embryo_scale=0.3, seed=4, stop_at_eos=False)
+    eng = Engine(model, max_batch=1, k_window=K)
+    eng.add_request(prompt, g)
+    committed = []
+    for _ in range(K - 1):
+        committed += eng.step()[0].token_ids
+    state = eng.batch.tail[0].clone()
+    emb = EmbryoStream.for_purpose(4, "embryo", model.config.n_embd, 1.0).take(2 * K - 1) * model.config.n_embd ** 0.5
+    if K == 1:  # no step has run (the request is not even admitted): the tail is its first embryo
+        state = emb[:1] * 0.3 * model.config.table_radius / model.config.n_embd ** 0.5
+    # batch of 2: the same sequence, and one where the unroll has less room (P < K-1 + 1)
+    ids = torch.tensor([prompt + committed + [1] * 6, prompt + committed + [1] * 6])
+    P = torch.tensor([len(prompt) + K - 1, max(2, K - 2)])
+    cfg = config_from(None, {"objective": "maturation", "init_from": "x", "alpha_max": 0.7, "noise_scale": 0.3,
+                             "k_max": 8, "block_size": 32, "self_cond_prob": 1.0})
+    model.train()  # the trainer's mode: the unroll runs in eval mode and must restore it
+    own = Objective(model, cfg).unrolled_tail(model.table(ids[:, :-1]), P, K, alpha_ramp(K, 0.7, None),
+                                              emb.expand(2, -1, -1))
+    assert torch.allclose(own[0], state, atol=1e-5), (own[0] - state).abs().max()
+    assert all(b.attn.kv_cache is None for b in model.blocks) and model.training
+    assert torch.isfinite(own[1]).all()
+    if K > 1:
+        assert not torch.allclose(own[1], emb[:K] * 0.3 * model.config.table_radius / model.config.n_embd ** 0.5)
+
+
+def test_self_conditioned_training_learns_and_resumes_cleanly(work, ar_ckpt):
+    out = work / "mat_self"
+    assert train(mat_cfg(work, ar_ckpt, out_dir=str(out), max_steps=20, eval_interval=10, ckpt_interval=0,
+                         self_cond_prob=0.5, alpha_max=0.5)) == 0
+    ev = evals(out)
+    assert ev[-1]["val_loss"] < ev[0]["val_loss"]
+    model, _ = load_checkpoint(out)
+    assert all(b.attn.kv_cache is None for b in model.blocks)
+
+
 # -- DDP --------------------------------------------------------------------------------
 def test_torchrun_two_ranks_match_single_process(work, ar_ckpt):
     common = {"objective": "maturation", "init_from": str(ar_ckpt), "data_dir": str(work / "data_m"),

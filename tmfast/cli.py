@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=_finite_float, default=1.0, help="guidance scale s (1 = off)")
     g.add_argument("--alpha-max", type=_finite_float, default=None, help="front-slot step size α_max")
     g.add_argument("--embryo-scale", type=_finite_float, default=None, help="embryo norm / table radius")
+    g.add_argument("--history-noise", type=_finite_float, default=None,
+                   help="noise norm / R added to committed vectors as the model reads them")
+    g.add_argument("--tail-noise", type=_finite_float, default=None,
+                   help="stochastic dynamics: noise norm / R added to each tail slot per update (× √α)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--show-tail", action="store_true", help="redraw committed text + the tail's nearest tokens each step")
@@ -113,10 +117,9 @@ def cmd_generate(args, out=None) -> int:
     prompts = _prompts(args)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, tail=args.tail, guidance=args.guidance,
                       seed=args.seed, stop=tuple(args.stop))
-    if args.alpha_max is not None:
-        gen_kwargs["alpha_max"] = args.alpha_max
-    if args.embryo_scale is not None:
-        gen_kwargs["embryo_scale"] = args.embryo_scale
+    for name in ("alpha_max", "embryo_scale", "history_noise", "tail_noise"):
+        if getattr(args, name) is not None:
+            gen_kwargs[name] = getattr(args, name)
     gen = GenerationConfig(**gen_kwargs)  # validates before the (slower) model load
     model, tokenizer = _load(args)
     if tokenizer is None:

@@ -79,6 +79,8 @@ class GenerationConfig:
     alpha_max: float = 1.0  # step size / maturity of the front slot
     alpha_min: float | None = None  # back slot; None → alpha_max / K
     embryo_scale: float = 0.1  # embryo norm as a fraction of the table radius
+    history_noise: float = 0.0  # norm of the noise added to committed vectors as the model reads them (× R)
+    tail_noise: float = 0.0  # stochastic dynamics: noise of norm tail_noise·R·√α_j added to slot j per update
     seed: int = 0
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
@@ -96,6 +98,10 @@ class GenerationConfig:
             raise ConfigError(f"alpha_min must be in (0, alpha_max], got {self.alpha_min!r}", "alpha_min")
         if not (self.embryo_scale >= 0 and math.isfinite(self.embryo_scale)):
             raise ConfigError(f"embryo_scale must be >= 0 and finite, got {self.embryo_scale!r}", "embryo_scale")
+        for name in ("history_noise", "tail_noise"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be >= 0 and finite, got {v!r}", name)
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)

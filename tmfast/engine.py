@@ -97,12 +97,15 @@ def step_window(model: TMModel, last, tail, length, alpha, n_slots: int, guided:
 
 def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, embryo,
                 n_slots: int, guided: bool, impl: str | None = None, probe: bool = False,
-                entropy_tau: float | None = None, table_inv_norm: torch.Tensor | None = None):
+                entropy_tau: float | None = None, table_inv_norm: torch.Tensor | None = None,
+                history_noise: torch.Tensor | None = None, tail_noise: torch.Tensor | None = None):
     """One maturation step for the whole batch. Shapes never change between steps.
 
     last (B,d) committed vector at position length-1; tail (B,Kw,d) front first;
     length (B,) committed count P; k (B,) tail lengths ≤ Kw; alpha (B,Kw) (0 on dead slots);
     guidance (B,); active (B,) bool; embryo (B,d) the vector appended this step.
+    history_noise (B,d): added to the committed vector as the model will read it (the paper's
+    "history noise"); tail_noise (B,Kw,d): added to the tail in the update ("stochastic dynamics").
     n_slots: cache slots for positions (the unconditional stream's scratch slots follow).
     The B sequences own KV-cache rows 0..B-1 (a prefix of the cache: a view, no copy).
     probe: also return each tail slot's nearest token (and, with entropy_tau, the entropy of
@@ -121,7 +124,7 @@ def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, 
     tail = tail.clone()
     delta_norm, _ = maturation_update(
         tail, pred_c, alpha * active.unsqueeze(1), pred_uncond=pred_u,
-        guidance=guidance if guided else None, impl=impl)
+        guidance=guidance if guided else None, noise=tail_noise, impl=impl)
     table = model.table.weight
     idx, _, _, _ = nn_commit(tail[:, 0], table, impl=impl, check_finite=False)
     probe_ids = probe_entropy = None
@@ -136,7 +139,10 @@ def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, 
     shifted = torch.where((j == (k - 1).unsqueeze(1)).unsqueeze(-1), embryo.unsqueeze(1), shifted)
     act = active.view(B, 1)
     new_tail = torch.where(act.unsqueeze(-1), shifted, tail)
-    new_last = torch.where(act, model.table(idx.clamp(min=0)), last)
+    committed = model.table(idx.clamp(min=0))
+    if history_noise is not None:
+        committed = committed + history_noise
+    new_last = torch.where(act, committed, last)
     return new_last, new_tail, length + active.long(), idx, delta_norm, probe_ids, probe_entropy
 
 
@@ -145,7 +151,13 @@ def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, 
 # --------------------------------------------------------------------------------------
 class EmbryoStream:
     """Per-sequence source of embryo vectors: a function of (seed, draw index) only,
-    so a sequence's embryos do not depend on the batch it runs in."""
+    so a sequence's embryos do not depend on the batch it runs in. The same kind of stream,
+    seeded from (seed, purpose), feeds history noise and tail noise."""
+
+    @classmethod
+    def for_purpose(cls, seed: int, purpose: str, dim: int, norm: float) -> "EmbryoStream":
+        salt = {"embryo": 0, "history": 1, "tail": 2}[purpose]
+        return cls(seed if salt == 0 else (seed * 1_000_003 + salt * 7919) % (2 ** 63), dim, norm)
 
     def __init__(self, seed: int, dim: int, norm: float, block: int = 64):
         self.gen = torch.Generator().manual_seed(seed)
@@ -202,6 +214,8 @@ class DecodeBatch:
         self.n_active = 0  # running sequences occupy slots 0..n_active-1
         self.guided = [False] * max_batch
         self.embryos: list[EmbryoStream | None] = [None] * max_batch
+        self.history_noise: list[EmbryoStream | None] = [None] * max_batch  # None: no noise
+        self.tail_noise: list[EmbryoStream | None] = [None] * max_batch
 
     def _own_caches(self) -> None:
         """Another batch over the same model may have installed its caches: put ours back."""
@@ -222,6 +236,17 @@ class DecodeBatch:
             raise ValueError("admit() takes the next free slots, in order")
         self._own_caches()
         cfg, dev = self.model.config, self.tail.device
+        R, d = cfg.table_radius, cfg.n_embd
+        noisy = []
+        for slot, v, g in items:
+            self.history_noise[slot] = EmbryoStream.for_purpose(g.seed, "history", d, g.history_noise * R) \
+                if g.history_noise > 0 else None
+            self.tail_noise[slot] = EmbryoStream.for_purpose(g.seed, "tail", d, g.tail_noise * R) \
+                if g.tail_noise > 0 else None
+            if self.history_noise[slot] is not None:  # the prompt is committed history too
+                v = v + self.history_noise[slot].take(len(v)).to(v.device, v.dtype)
+            noisy.append((slot, v, g))
+        items = noisy
         T_pre = max(len(v) for _, v, _ in items) - 1
         rows = torch.tensor([slot for slot, _, _ in items], device=dev)
         if T_pre > 0:
@@ -230,7 +255,7 @@ class DecodeBatch:
                 x[i, :len(v) - 1] = v[:-1]
             prefill(self.model, x, torch.tensor([g.tail for _, _, g in items], device=dev), rows)
         for slot, v, g in items:
-            stream = EmbryoStream(g.seed, cfg.n_embd, g.embryo_scale * cfg.table_radius)
+            stream = EmbryoStream.for_purpose(g.seed, "embryo", cfg.n_embd, g.embryo_scale * cfg.table_radius)
             self.embryos[slot] = stream
             self.last[slot] = v[-1]
             self.tail[slot].zero_()
@@ -259,8 +284,10 @@ class DecodeBatch:
             for t in (self.last, self.tail, self.length, self.k, self.alpha, self.guidance):
                 t[slot] = t[last]
             self.guided[slot], self.embryos[slot] = self.guided[last], self.embryos[last]
+            self.history_noise[slot], self.tail_noise[slot] = self.history_noise[last], self.tail_noise[last]
             moved = last
         self.guided[last], self.embryos[last] = False, None
+        self.history_noise[last] = self.tail_noise[last] = None
         return moved
 
     def _bucket(self) -> int:
@@ -280,6 +307,22 @@ class DecodeBatch:
         for b in range(n):
             embryo[b] = self.embryos[b].take(1)[0]
         embryo = embryo.to(dev, self.tail.dtype)
+        # noise streams draw only for the sequences that asked; the step only sees them when one did
+        hist = tnoise = None
+        if any(s is not None for s in self.history_noise[:n]):
+            hist = torch.zeros(size, d)
+            for b in range(n):
+                if self.history_noise[b] is not None:
+                    hist[b] = self.history_noise[b].take(1)[0]
+            hist = hist.to(dev, self.tail.dtype)
+        if any(s is not None for s in self.tail_noise[:n]):
+            Kw = self.tail.shape[1]
+            tnoise = torch.zeros(size, Kw, d)
+            for b in range(n):
+                if self.tail_noise[b] is not None:
+                    K = int(self.k[b])
+                    tnoise[b, :K] = self.tail_noise[b].take(K) * self.alpha[b, :K].cpu().sqrt().unsqueeze(1)
+            tnoise = tnoise.to(dev, self.tail.dtype)
         active = torch.arange(size, device=dev) < n
         # the unconditional stream is only computed while some running sequence asks for guidance
         guided = any(self.guided[:n])
@@ -287,7 +330,7 @@ class DecodeBatch:
             self.model, self.last[:size], self.tail[:size], self.length[:size], self.k[:size],
             self.alpha[:size], self.guidance[:size], active, embryo, n_slots=self.max_len,
             guided=guided, impl=self.impl, probe=probe, entropy_tau=entropy_tau,
-            table_inv_norm=self.table_inv_norm)
+            table_inv_norm=self.table_inv_norm, history_noise=hist, tail_noise=tnoise)
         self.last[:size], self.tail[:size], self.length[:size] = last, tail, length
         return StepOutput(idx.tolist()[:n], delta[:n], probe_ids.tolist()[:n] if probe_ids is not None else None,
                           probe_ent[:n] if probe_ent is not None else None)
@@ -454,8 +497,8 @@ class Engine:
         self.max_queue, self.entropy_tau, self.track_text = max_queue, entropy_tau, track_text
         step_fn = decode_step
         if compile:
-            # one graph per (row bucket, guided): 1, 2, 4, … max_batch rows, with and without guidance
-            variants = 2 * (max_batch.bit_length() + 1)
+            # one graph per (row bucket, guided, noises in use): 1, 2, 4, … max_batch rows
+            variants = 8 * (max_batch.bit_length() + 1)  # × guided × history noise × tail noise
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
             step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=compile_mode)
         self.batch = DecodeBatch(model, max_batch, self.max_len, k_window, step_fn, impl)

@@ -237,18 +237,40 @@ def sample_seed(seed: int, i: int, j: int = 0) -> int:
     return (seed * 1_000_003 + i * 7919 + j * 104_729) % (2 ** 63)
 
 
-def run_maturation(model, tokenizer, prompts: list[Prompt], K: int, s: float, args,
-                   alpha_max: float = 1.0) -> list[list[int]]:
+def run_maturation(model, tokenizer, prompts: list[Prompt], settings: dict, args) -> list[list[int]]:
+    """Maturation continuations; settings: GenerationConfig fields over the engine defaults."""
     from .engine import MaturationEngine
     engine = MaturationEngine(model, tokenizer, impl=args.impl)
     out = []
     for lo in range(0, len(prompts), args.batch_size):
         chunk = prompts[lo:lo + args.batch_size]
-        gens = [GenerationConfig(max_new_tokens=args.max_new_tokens, tail=K, guidance=s, alpha_max=alpha_max,
-                                 seed=sample_seed(args.seed, lo + i), stop_at_eos=args.stop_at_eos)
+        gens = [GenerationConfig(**{**settings, "max_new_tokens": args.max_new_tokens, "stop_at_eos": args.stop_at_eos,
+                                    "seed": sample_seed(args.seed, lo + i)})
                 for i in range(len(chunk))]
         out.extend(r.token_ids for r in engine.generate([p.ids for p in chunk], gens))
     return out
+
+
+def extra_settings(specs: list[str]) -> list[tuple[str, dict]]:
+    """--maturation-row values: JSON objects of GenerationConfig fields, optional "name"."""
+    rows = []
+    for spec in specs or []:
+        try:
+            d = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"--maturation-row must be a JSON object, got {spec!r} ({e})") from None
+        if not isinstance(d, dict):
+            raise EvalError(f"--maturation-row must be a JSON object, got {spec!r}")
+        name = d.pop("name", None)
+        for k in ("max_new_tokens", "seed", "stop_at_eos"):
+            if k in d:
+                raise EvalError(f"--maturation-row: {k} is set by the evaluation itself")
+        try:
+            GenerationConfig(**d)
+        except TypeError as e:
+            raise EvalError(f"--maturation-row: {e}") from None
+        rows.append((name or "maturation " + " ".join(f"{k}={v}" for k, v in d.items()), d))
+    return rows
 
 
 def best_of_n(ar_model, judge, tokenizer, prompts: list[Prompt], n: int, args) -> list[list[int]]:
@@ -310,14 +332,18 @@ def evaluate(mat_model, mat_tok, ar_model, ar_tok, judge, prompts: list[Prompt],
             for K in args.tails:
                 for s in args.guidance:
                     name = f"maturation K={K} s={s:g}" + (f" α_max={a:g}" if list(args.alpha_max) != [1.0] else "")
-                    settings = {"tail": K, "guidance": s, "alpha_max": a}
+                    settings = {"tail": K, "guidance": s, "alpha_max": a, "history_noise": 0.0, "tail_noise": 0.0}
                     if K > mat_model.config.k_max:
                         rows.append(MethodResult(name, "maturation", settings,
                                                  skipped=f"K={K} > the model's k_max={mat_model.config.k_max}"))
                         log(f"  {name}: skipped (K > k_max)")
                         continue
                     add(name, "maturation", settings,
-                        lambda K=K, s=s, a=a: run_maturation(mat_model, tok, prompts, K, s, args, a))
+                        lambda st=settings: run_maturation(mat_model, tok, prompts, st, args))
+        for name, settings in extra_settings(args.maturation_row):
+            if settings.get("tail", GenerationConfig().tail) > mat_model.config.k_max:
+                raise EvalError(f"{name}: tail > the model's k_max={mat_model.config.k_max}")
+            add(name, "maturation", settings, lambda st=settings: run_maturation(mat_model, tok, prompts, st, args))
     for r in rows:
         if r.skipped:
             continue
@@ -393,6 +419,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="front-slot step sizes α_max (with α_max = 1 the front slot is overwritten by a "
                         "prediction from the committed history alone, so the tail and s cannot change "
                         "what is committed)")
+    p.add_argument("--maturation-row", action="append", default=[], metavar="JSON",
+                   help='an extra maturation row: GenerationConfig fields over the engine defaults, '
+                        'e.g. \'{"name": "tuned", "alpha_max": 0.7, "tail_noise": 0.3}\' (repeatable)')
     p.add_argument("--rep-penalty", type=float, default=1.2)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -422,6 +451,7 @@ def _load(spec: str | None):
 
 def run(args, out=None) -> int:
     out = out or sys.stdout
+    extra_settings(args.maturation_row)  # a bad row fails before anything runs
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

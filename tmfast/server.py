@@ -40,6 +40,8 @@ class CompletionRequest(BaseModel):
     guidance: float = 1.0
     alpha_max: float | None = None
     embryo_scale: float | None = None
+    history_noise: float | None = None
+    tail_noise: float | None = None
     return_tail: bool = False
     # OpenAI sampling fields: Token Maturation decodes by argmax, so these are accepted
     # and ignored (clients send them by default); n and best_of must be 1
@@ -149,7 +151,7 @@ def create_app(engine: Engine, model_name: str = "tmfast") -> FastAPI:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         kwargs = dict(max_new_tokens=body.max_tokens, tail=body.tail, guidance=body.guidance,
                       seed=body.seed, stop=stop)
-        for name in ("alpha_max", "embryo_scale"):
+        for name in ("alpha_max", "embryo_scale", "history_noise", "tail_noise"):
             if getattr(body, name) is not None:
                 kwargs[name] = getattr(body, name)
         try:

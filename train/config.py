@@ -86,6 +86,7 @@ class TrainConfig:
     tail_position: str = "random"  # where the K-slot tail sits: "random" start per sequence | "end"
     uncond_prob: float = 0.1  # share of sequences trained with the tail-only mask (guidance)
     film: str = "every_block"  # K's FiLM at every block's input, or only the first ("input")
+    self_cond_prob: float = 0.0  # share of sequences whose tail holds the engine's own states (unrolled, no grad)
     tail_weighting: str = "uniform"  # loss weight of tail outputs: "uniform" | "alpha" | "inverse_alpha"
     prefix_loss: bool = True  # also train outputs on the clean prefix (teacher forcing everywhere)
     head_init: str = "match_norm"  # vector head at init: "identity" | "match_norm" (identity × R/mean‖h‖)
@@ -118,6 +119,8 @@ class TrainConfig:
             err.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.film not in ("every_block", "input"):
             err.append(f"film must be every_block | input, got {self.film!r}")
+        if not (isinstance(self.self_cond_prob, (int, float)) and 0 <= self.self_cond_prob <= 1):
+            err.append(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob!r}")
         if not (0 <= self.uncond_prob <= 1):
             err.append(f"uncond_prob must be in [0, 1], got {self.uncond_prob!r}")
         if not (0 < self.alpha_max <= 1):

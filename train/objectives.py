@@ -16,6 +16,10 @@ maturation  a K-slot tail at positions P..P+K-1 of each sequence is corrupted:
             (1 on committed), K to FiLM. Loss at outputs t ≤ P+K−2 (those predict a real
             slot): ||ẑ_t − e_{x_{t+1}}||²/R² + λ·InfoNCE(cos(ẑ_t, ·)·scale). A share
             uncond_prob of sequences use the tail-only mask (unconditional mode, guidance).
+            A share self_cond_prob of sequences instead hold the tail the ENGINE would hold there
+            (`unrolled_tail`): starting from embryos K−1 steps earlier, the model's own updates
+            z̃ ← z̃ + α(ẑ − z̃) with the true tokens committed, run without gradient by the current
+            weights — the inputs the model meets at inference, refreshed as it learns.
 """
 from __future__ import annotations
 
@@ -71,16 +75,18 @@ class MicroBatch:
     noise: torch.Tensor | None = None  # (b, K, d) unit-variance
     neg: torch.Tensor | None = None  # (N,) negative ids (shared)
     weight: torch.Tensor | None = None  # (b, T) loss weight per output position
+    self_cond: torch.Tensor | None = None  # (b,) bool: tail from the unrolled engine dynamics
+    embryo: torch.Tensor | None = None  # (b, 2K-1, d) unit-variance embryos of that unroll
 
     def to(self, device) -> "MicroBatch":
         f = lambda t: None if t is None else t.to(device)  # noqa: E731
         return MicroBatch(f(self.ids), self.k, f(self.start), f(self.uncond), f(self.noise), f(self.neg),
-                          f(self.weight))
+                          f(self.weight), f(self.self_cond), f(self.embryo))
 
     def slice(self, lo: int, hi: int) -> "MicroBatch":
         f = lambda t: None if t is None else t[lo:hi]  # noqa: E731
         return MicroBatch(self.ids[lo:hi], self.k, f(self.start), f(self.uncond), f(self.noise), self.neg,
-                          f(self.weight))
+                          f(self.weight), f(self.self_cond), f(self.embryo))
 
 
 def plan_step(cfg, data, step: int, d: int, vocab: int, micro: int, n: int, seed_stream: int = 0):
@@ -114,7 +120,11 @@ def plan_step(cfg, data, step: int, d: int, vocab: int, micro: int, n: int, seed
             j = (t - (P - 1)).clamp(0, K - 1)  # output t predicts tail slot j = t - P + 1
             in_tail = (t >= P - 1) & (t <= P + K - 2)
             w = torch.where(in_tail, tw[j], w)
-        out.append(MicroBatch(ids, K, start, uncond, noise, neg, w))
+        self_cond = embryo = None
+        if cfg.self_cond_prob > 0:  # drawn last: runs without it keep their exact random stream
+            self_cond = torch.rand(n, generator=gen) < cfg.self_cond_prob
+            embryo = torch.randn(n, 2 * K - 1, d, generator=gen)
+        out.append(MicroBatch(ids, K, start, uncond, noise, neg, w, self_cond, embryo))
     return out
 
 
@@ -159,7 +169,11 @@ class Objective(nn.Module):
         noise = mb.noise.to(dev, z.dtype) * (cfg.noise_scale * R / m.config.n_embd ** 0.5)
         s_ = s.to(dev, z.dtype).view(1, K, 1)
         z = z.clone()
-        z[rows, slots] = s_ * clean + (1 - s_) * noise
+        tail = s_ * clean + (1 - s_) * noise
+        if mb.self_cond is not None and bool(mb.self_cond.any()):
+            own = self.unrolled_tail(z, mb.start.to(dev), K, a.to(dev), mb.embryo.to(dev, z.dtype))
+            tail = torch.where(mb.self_cond.to(dev).view(b, 1, 1), own, tail)
+        z[rows, slots] = tail
         alpha = torch.ones(b, T, device=dev)
         alpha[rows, slots] = a.to(dev, alpha.dtype).view(1, K).expand(b, K)
         kvec = torch.full((b,), K, dtype=torch.long, device=dev)
@@ -167,6 +181,56 @@ class Objective(nn.Module):
         if bool(mb.uncond.any()):
             mask = torch.where(mb.uncond.to(dev).view(b, 1, 1, 1), tail_only_mask(T, mb.start.to(dev)), mask)
         return z, alpha, kvec, mask
+
+    @torch.no_grad()
+    def unrolled_tail(self, z: torch.Tensor, start: torch.Tensor, K: int, alpha: torch.Tensor,
+                      embryo: torch.Tensor) -> torch.Tensor:
+        """The engine's tail (b,K,d) at committed length P = start: K−1 maturation steps from an
+        all-embryo tail at P−K+1 (fewer where the sequence is shorter), true tokens committed.
+
+        One prefill of the true sequence fills a KV cache (committed positions are true tokens at
+        every step, so their K/V never change); each step then runs only the K tail positions,
+        written to K scratch slots past the sequence, each attending to the committed slots < L
+        and to the tail up to itself — exactly the engine's window. The front slot's prediction
+        is the prefill's output at L−1 (a committed position sees only the true prefix).
+        """
+        m = self.model
+        was_training = m.training
+        m.eval()
+        b, T, d = z.shape
+        dev = z.device
+        R = m.config.table_radius
+        kvec = torch.full((b,), K, dtype=torch.long, device=dev)
+        m.setup_caches(b, T + K, dtype=z.dtype, device=dev)
+        try:
+            t = torch.arange(T, device=dev)
+            front_pred = m(z, pos=t, alpha=torch.ones(b, T, device=dev), k=kvec,
+                           mask=causal_mask(T + K, dev)[:T].view(1, 1, T, T + K), cache_slots=t.expand(b, T))
+            emb = embryo * (self.cfg.noise_scale * R / d ** 0.5)
+            tail = emb[:, :K].clone()
+            j = torch.arange(K, device=dev)
+            s = torch.arange(T + K, device=dev).view(1, 1, T + K)
+            scratch = (T + j).expand(b, K)
+            rows = torch.arange(b, device=dev)
+            for u in range(K - 1):
+                L = start - (K - 1) + u  # (b,) committed length at this step
+                active = L >= 1
+                if not bool(active.any()):
+                    continue
+                Lc = L.clamp(min=1)
+                pos = Lc.view(b, 1) + j.view(1, K)
+                mask = (s < Lc.view(b, 1, 1)) | ((s >= T) & (s <= (T + j).view(1, K, 1)))
+                out = m(tail, pos=pos, alpha=alpha.view(1, K).expand(b, K), k=kvec, mask=mask.unsqueeze(1),
+                        cache_slots=scratch)
+                pred = torch.cat([front_pred[rows, Lc - 1].unsqueeze(1), out[:, :K - 1]], dim=1)
+                new = tail + alpha.view(1, K, 1) * (pred - tail)
+                new = torch.cat([new[:, 1:], emb[:, K + u].unsqueeze(1)], dim=1)
+                tail = torch.where(active.view(b, 1, 1), new, tail)
+        finally:
+            for block in m.blocks:  # the cache must not outlive the unroll (DDP, checkpoints)
+                block.attn.kv_cache = None
+            m.train(was_training)
+        return tail
 
     def maturation(self, mb: MicroBatch):
         cfg, m = self.cfg, self.model
