@@ -107,7 +107,7 @@ def test_end_to_end_tiny(tmp_path, tok, capsys):
     doc = json.loads((tmp_path / "out" / "q.json").read_text())
     names = [m["name"] for m in doc["methods"]]
     assert names[:4] == ["AR greedy", "AR greedy + rep. penalty 1.2", "AR nucleus p=0.9", "AR best-of-3 (judge rerank)"]
-    assert len(names) == 4 + 2 * 2 * 2 + 1 and names[-1] == "noisy"
+    assert len(names) == 4 + 2 * 2 * 2 + 2 and names[-1] == "noisy" and "engine defaults" in names[-2]
     noisy, plain = doc["methods"][-1], [m for m in doc["methods"] if m["name"] == "maturation K=4 s=1 α_max=0.5"][0]
     assert noisy["settings"]["tail_noise"] == 0.5 and plain["settings"]["tail_noise"] == 0.0
     assert [x["token_ids"] for x in noisy["samples"]] != [x["token_ids"] for x in plain["samples"]]

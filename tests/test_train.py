@@ -122,8 +122,8 @@ def test_maturation_checkpoint_runs_in_engine(mat_ckpt, ar_ckpt):
     assert n == 8 and nll > 0
 
 
-@pytest.mark.parametrize("K", [1, 2, 6])
-def test_unrolled_tail_is_the_engines_own_tail(K):
+@pytest.mark.parametrize("K, jit", [(1, 0.0), (2, 0.0), (6, 0.0), (6, 0.4)])
+def test_unrolled_tail_is_the_engines_own_tail(K, jit):
     """self_cond_prob trains on the tail the engine would hold: check it against the engine,
     committing what the engine committed, from the step where both start with embryos."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -134,7 +134,8 @@ def test_unrolled_tail_is_the_engines_own_tail(K):
     torch.manual_seed(0)
     model = tiny_model()
     prompt = [5, 6, 7, 8, 9]
-    g = GenerationConfig(max_new_tokens=20, tail=K, alpha_max=0.7, embryo_scale=0.3, seed=4, stop_at_eos=False)
+    g = GenerationConfig(max_new_tokens=20, tail=K, alpha_max=0.7, embryo_scale=0.3, seed=4, stop_at_eos=False,
+                         tail_noise=jit)
     eng = Engine(model, max_batch=1, k_window=K)
     eng.add_request(prompt, g)
     committed = []
@@ -148,10 +149,15 @@ def test_unrolled_tail_is_the_engines_own_tail(K):
     ids = torch.tensor([prompt + committed + [1] * 6, prompt + committed + [1] * 6])
     P = torch.tensor([len(prompt) + K - 1, max(2, K - 2)])
     cfg = config_from(None, {"objective": "maturation", "init_from": "x", "alpha_max": 0.7, "noise_scale": 0.3,
-                             "k_max": 8, "block_size": 32, "self_cond_prob": 1.0})
+                             "k_max": 8, "block_size": 32, "self_cond_prob": 1.0, "unroll_tail_noise": jit})
+    jitter = None
+    if jit:  # the engine's tail-noise stream, K draws per step, as unit-variance noise
+        d = model.config.n_embd
+        jitter = EmbryoStream.for_purpose(4, "tail", d, 1.0).take((K - 1) * K).view(K - 1, K, d) * d ** 0.5
+        jitter = jitter.expand(2, -1, -1, -1)
     model.train()  # the trainer's mode: the unroll runs in eval mode and must restore it
     own = Objective(model, cfg).unrolled_tail(model.table(ids[:, :-1]), P, K, alpha_ramp(K, 0.7, None),
-                                              emb.expand(2, -1, -1))
+                                              emb.expand(2, -1, -1), jitter)
     assert torch.allclose(own[0], state, atol=1e-5), (own[0] - state).abs().max()
     assert all(b.attn.kv_cache is None for b in model.blocks) and model.training
     assert torch.isfinite(own[1]).all()
@@ -162,7 +168,7 @@ def test_unrolled_tail_is_the_engines_own_tail(K):
 def test_self_conditioned_training_learns_and_resumes_cleanly(work, ar_ckpt):
     out = work / "mat_self"
     assert train(mat_cfg(work, ar_ckpt, out_dir=str(out), max_steps=20, eval_interval=10, ckpt_interval=0,
-                         self_cond_prob=0.5, alpha_max=0.5)) == 0
+                         self_cond_prob=0.5, alpha_max=0.5, unroll_tail_noise=0.3)) == 0
     ev = evals(out)
     assert ev[-1]["val_loss"] < ev[0]["val_loss"]
     model, _ = load_checkpoint(out)

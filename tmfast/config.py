@@ -80,7 +80,9 @@ class GenerationConfig:
     alpha_min: float | None = None  # back slot; None → alpha_max / K
     embryo_scale: float = 0.1  # embryo norm as a fraction of the table radius
     history_noise: float = 0.0  # norm of the noise added to committed vectors as the model reads them (× R)
-    tail_noise: float = 0.0  # stochastic dynamics: noise of norm tail_noise·R·√α_j added to slot j per update
+    # stochastic dynamics: noise of norm tail_noise·R·√α_j added to slot j per update. The default is the
+    # best setting measured for the shipped model (README, "Generation quality"); 0 = Algorithm 1 as published
+    tail_noise: float = 0.4
     seed: int = 0
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True

@@ -216,6 +216,7 @@ class DecodeBatch:
         self.embryos: list[EmbryoStream | None] = [None] * max_batch
         self.history_noise: list[EmbryoStream | None] = [None] * max_batch  # None: no noise
         self.tail_noise: list[EmbryoStream | None] = [None] * max_batch
+        self.tail_k = [0] * max_batch  # host copy of k (no device sync per step)
 
     def _own_caches(self) -> None:
         """Another batch over the same model may have installed its caches: put ours back."""
@@ -262,6 +263,7 @@ class DecodeBatch:
             self.tail[slot, :g.tail] = stream.take(g.tail).to(dev, self.tail.dtype)
             self.length[slot] = len(v)
             self.k[slot] = g.tail
+            self.tail_k[slot] = g.tail
             self.alpha[slot].zero_()
             self.alpha[slot, :g.tail] = torch.tensor(g.alpha_profile())
             self.guidance[slot] = g.guidance
@@ -285,6 +287,7 @@ class DecodeBatch:
                 t[slot] = t[last]
             self.guided[slot], self.embryos[slot] = self.guided[last], self.embryos[last]
             self.history_noise[slot], self.tail_noise[slot] = self.history_noise[last], self.tail_noise[last]
+            self.tail_k[slot] = self.tail_k[last]
             moved = last
         self.guided[last], self.embryos[last] = False, None
         self.history_noise[last] = self.tail_noise[last] = None
@@ -320,9 +323,10 @@ class DecodeBatch:
             tnoise = torch.zeros(size, Kw, d)
             for b in range(n):
                 if self.tail_noise[b] is not None:
-                    K = int(self.k[b])
-                    tnoise[b, :K] = self.tail_noise[b].take(K) * self.alpha[b, :K].cpu().sqrt().unsqueeze(1)
-            tnoise = tnoise.to(dev, self.tail.dtype)
+                    K = self.tail_k[b]
+                    tnoise[b, :K] = self.tail_noise[b].take(K)
+            # × √α_j: slots that move more get more noise (α is 0 on a sequence's unused slots)
+            tnoise = (tnoise.to(dev) * self.alpha[:size].sqrt().unsqueeze(-1)).to(self.tail.dtype)
         active = torch.arange(size, device=dev) < n
         # the unconditional stream is only computed while some running sequence asks for guidance
         guided = any(self.guided[:n])

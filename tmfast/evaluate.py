@@ -340,7 +340,12 @@ def evaluate(mat_model, mat_tok, ar_model, ar_tok, judge, prompts: list[Prompt],
                         continue
                     add(name, "maturation", settings,
                         lambda st=settings: run_maturation(mat_model, tok, prompts, st, args))
-        for name, settings in extra_settings(args.maturation_row):
+        extra = extra_settings(args.maturation_row)
+        if not args.no_default_row:  # what `tmfast generate` does out of the box
+            d = GenerationConfig()
+            extra.insert(0, (f"maturation, engine defaults (K={d.tail} s={d.guidance:g} α_max={d.alpha_max:g} "
+                             f"tail_noise={d.tail_noise:g} history_noise={d.history_noise:g})", {}))
+        for name, settings in extra:
             if settings.get("tail", GenerationConfig().tail) > mat_model.config.k_max:
                 raise EvalError(f"{name}: tail > the model's k_max={mat_model.config.k_max}")
             add(name, "maturation", settings, lambda st=settings: run_maturation(mat_model, tok, prompts, st, args))
@@ -422,6 +427,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--maturation-row", action="append", default=[], metavar="JSON",
                    help='an extra maturation row: GenerationConfig fields over the engine defaults, '
                         'e.g. \'{"name": "tuned", "alpha_max": 0.7, "tail_noise": 0.3}\' (repeatable)')
+    p.add_argument("--no-default-row", action="store_true",
+                   help="leave out the row of the engine's default settings")
     p.add_argument("--rep-penalty", type=float, default=1.2)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -502,8 +509,10 @@ def run(args, out=None) -> int:
     if args.traces > 0 and mat_model is not None:
         from .traces import record_traces, plot_traces
         tdir = Path(args.out).parent / "traces" if args.out else Path("traces")
+        # the published dynamics (no noise), like the grid rows: noise would only add jitter to the figures
         gens = [GenerationConfig(max_new_tokens=args.max_new_tokens, tail=min(args.trace_tail, mat_model.config.k_max),
-                                 guidance=s, alpha_max=a, seed=sample_seed(args.seed, 0), stop_at_eos=False)
+                                 guidance=s, alpha_max=a, seed=sample_seed(args.seed, 0), stop_at_eos=False,
+                                 tail_noise=0.0, history_noise=0.0)
                 for a in args.alpha_max for s in args.guidance]
         data = record_traces(mat_model, mat_tok, [p.ids for p in prompts[:args.traces]], gens, args.trace_tau)
         paths = plot_traces(data, tdir)

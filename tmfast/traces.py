@@ -221,13 +221,17 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--tau", type=float, nargs="+", default=[1.0, 0.05])
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--alpha-max", type=float, default=GenerationConfig.alpha_max)
+    p.add_argument("--tail-noise", type=float, default=GenerationConfig.tail_noise,
+                   help="stochastic dynamics (default: the engine's); 0 traces Algorithm 1 as published")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/traces")
     args = p.parse_args(argv)
     model, tok = load_checkpoint(args.checkpoint)
     prompts = [tok.encode(t).ids for t in args.prompt]
     gens = [GenerationConfig(max_new_tokens=args.max_new_tokens, tail=args.tail, guidance=s, seed=args.seed,
-                             stop_at_eos=False) for s in args.guidance]
+                             alpha_max=args.alpha_max, tail_noise=args.tail_noise, stop_at_eos=False)
+            for s in args.guidance]
     data = record_traces(model, tok, prompts, gens, args.tau)
     for path in plot_traces(data, args.out):
         print(path)

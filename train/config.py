@@ -87,6 +87,7 @@ class TrainConfig:
     uncond_prob: float = 0.1  # share of sequences trained with the tail-only mask (guidance)
     film: str = "every_block"  # K's FiLM at every block's input, or only the first ("input")
     self_cond_prob: float = 0.0  # share of sequences whose tail holds the engine's own states (unrolled, no grad)
+    unroll_tail_noise: float = 0.0  # the engine's tail_noise inside that unroll (match the inference setting)
     tail_weighting: str = "uniform"  # loss weight of tail outputs: "uniform" | "alpha" | "inverse_alpha"
     prefix_loss: bool = True  # also train outputs on the clean prefix (teacher forcing everywhere)
     head_init: str = "match_norm"  # vector head at init: "identity" | "match_norm" (identity × R/mean‖h‖)
@@ -121,6 +122,9 @@ class TrainConfig:
             err.append(f"film must be every_block | input, got {self.film!r}")
         if not (isinstance(self.self_cond_prob, (int, float)) and 0 <= self.self_cond_prob <= 1):
             err.append(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob!r}")
+        if not (isinstance(self.unroll_tail_noise, (int, float)) and math.isfinite(self.unroll_tail_noise)
+                and self.unroll_tail_noise >= 0):
+            err.append(f"unroll_tail_noise must be a finite number >= 0, got {self.unroll_tail_noise!r}")
         if not (0 <= self.uncond_prob <= 1):
             err.append(f"uncond_prob must be in [0, 1], got {self.uncond_prob!r}")
         if not (0 < self.alpha_max <= 1):

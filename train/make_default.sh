@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Retrain the two shipped default models from scratch and copy them into tmfast/assets/.
-#   train/make_default.sh            both stages (AR, then maturation from it)
+#   train/make_default.sh            all stages (AR; maturation from it; its self-conditioned fine-tune)
 #   train/make_default.sh ar         stage 1 only
 #   train/make_default.sh maturation stage 2 only (needs runs/ar_kjv)
+#   train/make_default.sh finetune   stage 3 only (needs runs/maturation_kjv); this is what ships
 # Extra arguments after the stage are passed to both `python -m train` calls,
 # e.g. `train/make_default.sh all --max_steps=100` for a quick smoke run.
 set -euo pipefail
@@ -33,5 +34,11 @@ if [[ "$stage" == all || "$stage" == maturation ]]; then
   echo "+ $cmd"; start=$(date +%s)
   $cmd
   echo "stage maturation: $(( $(date +%s) - start )) s wall"
-  ship runs/maturation_kjv tmfast/assets/maturation "$cmd"
+fi
+if [[ "$stage" == all || "$stage" == finetune ]]; then
+  cmd="$PY -m train --config train/configs/maturation_kjv_finetune.json $*"
+  echo "+ $cmd"; start=$(date +%s)
+  $cmd
+  echo "stage finetune: $(( $(date +%s) - start )) s wall"
+  ship runs/maturation_kjv_finetune tmfast/assets/maturation "$cmd"
 fi

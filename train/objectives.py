@@ -77,16 +77,17 @@ class MicroBatch:
     weight: torch.Tensor | None = None  # (b, T) loss weight per output position
     self_cond: torch.Tensor | None = None  # (b,) bool: tail from the unrolled engine dynamics
     embryo: torch.Tensor | None = None  # (b, 2K-1, d) unit-variance embryos of that unroll
+    jitter: torch.Tensor | None = None  # (b, K-1, K, d) unit-variance tail noise of that unroll
 
     def to(self, device) -> "MicroBatch":
         f = lambda t: None if t is None else t.to(device)  # noqa: E731
         return MicroBatch(f(self.ids), self.k, f(self.start), f(self.uncond), f(self.noise), f(self.neg),
-                          f(self.weight), f(self.self_cond), f(self.embryo))
+                          f(self.weight), f(self.self_cond), f(self.embryo), f(self.jitter))
 
     def slice(self, lo: int, hi: int) -> "MicroBatch":
         f = lambda t: None if t is None else t[lo:hi]  # noqa: E731
         return MicroBatch(self.ids[lo:hi], self.k, f(self.start), f(self.uncond), f(self.noise), self.neg,
-                          f(self.weight), f(self.self_cond), f(self.embryo))
+                          f(self.weight), f(self.self_cond), f(self.embryo), f(self.jitter))
 
 
 def plan_step(cfg, data, step: int, d: int, vocab: int, micro: int, n: int, seed_stream: int = 0):
@@ -120,11 +121,13 @@ def plan_step(cfg, data, step: int, d: int, vocab: int, micro: int, n: int, seed
             j = (t - (P - 1)).clamp(0, K - 1)  # output t predicts tail slot j = t - P + 1
             in_tail = (t >= P - 1) & (t <= P + K - 2)
             w = torch.where(in_tail, tw[j], w)
-        self_cond = embryo = None
+        self_cond = embryo = jitter = None
         if cfg.self_cond_prob > 0:  # drawn last: runs without it keep their exact random stream
             self_cond = torch.rand(n, generator=gen) < cfg.self_cond_prob
             embryo = torch.randn(n, 2 * K - 1, d, generator=gen)
-        out.append(MicroBatch(ids, K, start, uncond, noise, neg, w, self_cond, embryo))
+            if cfg.unroll_tail_noise > 0:
+                jitter = torch.randn(n, max(K - 1, 0), K, d, generator=gen)
+        out.append(MicroBatch(ids, K, start, uncond, noise, neg, w, self_cond, embryo, jitter))
     return out
 
 
@@ -171,7 +174,8 @@ class Objective(nn.Module):
         z = z.clone()
         tail = s_ * clean + (1 - s_) * noise
         if mb.self_cond is not None and bool(mb.self_cond.any()):
-            own = self.unrolled_tail(z, mb.start.to(dev), K, a.to(dev), mb.embryo.to(dev, z.dtype))
+            jit = None if mb.jitter is None else mb.jitter.to(dev, z.dtype)
+            own = self.unrolled_tail(z, mb.start.to(dev), K, a.to(dev), mb.embryo.to(dev, z.dtype), jit)
             tail = torch.where(mb.self_cond.to(dev).view(b, 1, 1), own, tail)
         z[rows, slots] = tail
         alpha = torch.ones(b, T, device=dev)
@@ -184,7 +188,7 @@ class Objective(nn.Module):
 
     @torch.no_grad()
     def unrolled_tail(self, z: torch.Tensor, start: torch.Tensor, K: int, alpha: torch.Tensor,
-                      embryo: torch.Tensor) -> torch.Tensor:
+                      embryo: torch.Tensor, jitter: torch.Tensor | None = None) -> torch.Tensor:
         """The engine's tail (b,K,d) at committed length P = start: K−1 maturation steps from an
         all-embryo tail at P−K+1 (fewer where the sequence is shorter), true tokens committed.
 
@@ -193,6 +197,7 @@ class Objective(nn.Module):
         written to K scratch slots past the sequence, each attending to the committed slots < L
         and to the tail up to itself — exactly the engine's window. The front slot's prediction
         is the prefill's output at L−1 (a committed position sees only the true prefix).
+        jitter (b,K−1,K,d) unit variance: the engine's tail noise (unroll_tail_noise·R·√α_j/√d).
         """
         m = self.model
         was_training = m.training
@@ -224,6 +229,9 @@ class Objective(nn.Module):
                         cache_slots=scratch)
                 pred = torch.cat([front_pred[rows, Lc - 1].unsqueeze(1), out[:, :K - 1]], dim=1)
                 new = tail + alpha.view(1, K, 1) * (pred - tail)
+                if jitter is not None:
+                    sd = self.cfg.unroll_tail_noise * R / d ** 0.5
+                    new = new + jitter[:, u] * (sd * alpha.sqrt().view(1, K, 1))
                 new = torch.cat([new[:, 1:], emb[:, K + u].unsqueeze(1)], dim=1)
                 tail = torch.where(active.view(b, 1, 1), new, tail)
         finally:

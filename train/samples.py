@@ -25,11 +25,15 @@ DEFAULT_PROMPTS = ["In the beginning", "And the LORD said unto Moses,", "Blessed
                    "The LORD is my shepherd;", "And it came to pass, when the king"]
 
 
-# (name, K, s, alpha_max): the engine defaults (alpha_max=1) and alpha_max=0.5, where the
-# tail and guidance can change the committed token (see train/README.md)
-DEFAULT_SETTINGS = [("maturation K=16 s=1", 16, 1.0, 1.0), ("maturation K=16 s=2", 16, 2.0, 1.0),
-                    ("maturation K=16 s=1 α_max=0.5", 16, 1.0, 0.5),
-                    ("maturation K=16 s=2 α_max=0.5", 16, 2.0, 0.5)]
+# (name, GenerationConfig fields): the engine defaults; the published Algorithm 1 (no noise) at
+# α_max = 1 and 0.5 (where the tail and guidance can change the committed token, see
+# train/README.md); and the best setting measured with α_max < 1
+DEFAULT_SETTINGS = [("maturation, engine defaults (K=16 s=1 α_max=1 tail_noise=0.4)", {}),
+                    ("maturation K=16 s=1, no noise (Algorithm 1)", {"tail": 16, "tail_noise": 0.0}),
+                    ("maturation K=16 s=2 α_max=0.5, no noise", {"tail": 16, "guidance": 2.0, "alpha_max": 0.5,
+                                                                  "tail_noise": 0.0}),
+                    ("maturation K=16 s=2 α_max=0.7 tail_noise=0.4", {"tail": 16, "guidance": 2.0,
+                                                                      "alpha_max": 0.7, "tail_noise": 0.4})]
 
 
 def ngrams(ids, n):
@@ -65,11 +69,10 @@ def run_settings(mat_model, mat_tok, judge, judge_tok, prompts, max_new_tokens=4
     settings = settings or DEFAULT_SETTINGS
     res = {}
     pids = [mat_tok.encode(p).ids if isinstance(p, str) else list(p) for p in prompts]
-    for name, K, s, amax in settings:
+    for name, fields in settings:
         eng = MaturationEngine(mat_model, mat_tok)
         t0 = time.time()
-        out = eng.generate(pids, GenerationConfig(max_new_tokens=max_new_tokens, tail=K, guidance=s, seed=seed,
-                                                  alpha_max=amax))
+        out = eng.generate(pids, GenerationConfig(**{**fields, "max_new_tokens": max_new_tokens, "seed": seed}))
         toks = [r.token_ids for r in out]
         res[name] = ([r.text for r in out], toks, {**text_metrics(pids, toks, judge),
                                                    "seconds": round(time.time() - t0, 1)})
