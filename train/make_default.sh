@@ -22,23 +22,17 @@ ship() {  # run dir → asset dir, without the optimiser/resume state
   echo "shipped $run -> $dest"
 }
 
-if [[ "$stage" == all || "$stage" == ar ]]; then
-  cmd="$PY -m train --config train/configs/ar_kjv.json $*"
-  echo "+ $cmd"; start=$(date +%s)
+run_stage() {  # name, config file, [run dir, asset dir to ship it to]; extra args go to python -m train
+  local name="$1" config="$2" run="${3:-}" dest="${4:-}"
+  [[ "$stage" == all || "$stage" == "$name" ]] || return 0
+  local cmd="$PY -m train --config $config $EXTRA"
+  echo "+ $cmd"; local start=$(date +%s)
   $cmd
-  echo "stage ar: $(( $(date +%s) - start )) s wall"
-  ship runs/ar_kjv tmfast/assets/ar "$cmd"
-fi
-if [[ "$stage" == all || "$stage" == maturation ]]; then
-  cmd="$PY -m train --config train/configs/maturation_kjv.json $*"
-  echo "+ $cmd"; start=$(date +%s)
-  $cmd
-  echo "stage maturation: $(( $(date +%s) - start )) s wall"
-fi
-if [[ "$stage" == all || "$stage" == finetune ]]; then
-  cmd="$PY -m train --config train/configs/maturation_kjv_finetune.json $*"
-  echo "+ $cmd"; start=$(date +%s)
-  $cmd
-  echo "stage finetune: $(( $(date +%s) - start )) s wall"
-  ship runs/maturation_kjv_finetune tmfast/assets/maturation "$cmd"
-fi
+  echo "stage $name: $(( $(date +%s) - start )) s wall"
+  if [[ -n "$dest" ]]; then ship "$run" "$dest" "$cmd"; fi
+}
+
+EXTRA="$*"
+run_stage ar train/configs/ar_kjv.json runs/ar_kjv tmfast/assets/ar
+run_stage maturation train/configs/maturation_kjv.json "" ""      # stage 3 starts from it; not shipped itself
+run_stage finetune train/configs/maturation_kjv_finetune.json runs/maturation_kjv_finetune tmfast/assets/maturation

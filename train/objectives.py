@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from csrc_triton import maturation_update
 from tmfast.model import TMModel, causal_mask, tail_only_mask
 
 
@@ -217,6 +218,7 @@ class Objective(nn.Module):
             s = torch.arange(T + K, device=dev).view(1, 1, T + K)
             scratch = (T + j).expand(b, K)
             rows = torch.arange(b, device=dev)
+            alpha_b = alpha.view(1, K).expand(b, K).contiguous()
             for u in range(K - 1):
                 L = start - (K - 1) + u  # (b,) committed length at this step
                 active = L >= 1
@@ -225,13 +227,14 @@ class Objective(nn.Module):
                 Lc = L.clamp(min=1)
                 pos = Lc.view(b, 1) + j.view(1, K)
                 mask = (s < Lc.view(b, 1, 1)) | ((s >= T) & (s <= (T + j).view(1, K, 1)))
-                out = m(tail, pos=pos, alpha=alpha.view(1, K).expand(b, K), k=kvec, mask=mask.unsqueeze(1),
+                out = m(tail, pos=pos, alpha=alpha_b, k=kvec, mask=mask.unsqueeze(1),
                         cache_slots=scratch)
                 pred = torch.cat([front_pred[rows, Lc - 1].unsqueeze(1), out[:, :K - 1]], dim=1)
-                new = tail + alpha.view(1, K, 1) * (pred - tail)
+                noise = None
                 if jitter is not None:
-                    sd = self.cfg.unroll_tail_noise * R / d ** 0.5
-                    new = new + jitter[:, u] * (sd * alpha.sqrt().view(1, K, 1))
+                    noise = jitter[:, u] * (self.cfg.unroll_tail_noise * R / d ** 0.5 * alpha.sqrt().view(1, K, 1))
+                new = tail.clone()
+                maturation_update(new, pred.contiguous(), alpha_b, noise=noise)  # the engine's op, in place
                 new = torch.cat([new[:, 1:], emb[:, K + u].unsqueeze(1)], dim=1)
                 tail = torch.where(active.view(b, 1, 1), new, tail)
         finally:
