@@ -80,6 +80,7 @@ class Dist:
     def close(self):
         if self.on:
             import torch.distributed as tdist
+            tdist.barrier()  # every rank is done with collectives before any tears down
             tdist.destroy_process_group()
 
 
@@ -478,6 +479,9 @@ def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None)
     if evs:
         say(f"done: {step} steps, train {evs[-1]['train_loss']:.4f}, val {evs[-1]['val_loss']:.4f}, "
             f"wall {wall:.0f}s; checkpoint {out_dir}")
+    # the DDP reducer goes before its process group: left to die with this frame, after
+    # destroy_process_group, it hung a rank at exit (seen twice in the 2-rank test, torch 2.13, gloo)
+    del fwd
     dist.close()
     return 0
 
