@@ -6,8 +6,8 @@
 
 Same prompts (validation windows of the corpus), seeds and judge as `python -m tmfast.evaluate`, so a
 row here reproduces the same row there. Writes OUT.jsonl (one line per row, appended as rows finish:
-an interrupted sweep keeps what it measured) and OUT.md. With --ar, AR greedy and greedy + penalty
-rows are added for reference.
+an interrupted sweep keeps what it measured) and OUT.md. AR greedy and greedy + penalty rows come
+first unless --no-baselines; --ar-sampling adds AR temperature / nucleus rows.
 """
 from __future__ import annotations
 
@@ -20,13 +20,11 @@ from pathlib import Path
 
 import torch
 
-from tmfast import metrics
 from tmfast.ar import ar_decode
 from tmfast.checkpoint import load_checkpoint
 from tmfast.config import GenerationConfig
-from tmfast.engine import MaturationEngine
-from tmfast.evaluate import (TmfastJudge, judge_scores, machine_info, prompts_from_documents, sample_seed,
-                             validation_documents)
+from tmfast.evaluate import (TmfastJudge, machine_info, prompts_from_documents, run_maturation, sample_seed,
+                             score_samples, validation_documents)
 
 FIELDS = {f: type(v) for f, v in GenerationConfig().to_dict().items() if isinstance(v, (int, float))}
 
@@ -41,14 +39,6 @@ def parse_grid(items: list[str]) -> list[dict]:
             raise SystemExit(f"unknown GenerationConfig field {name!r} (numeric fields: {', '.join(FIELDS)})")
         axes.append([(name, FIELDS[name](float(v)) if FIELDS[name] is int else float(v)) for v in vals.split(",")])
     return [dict(c) for c in itertools.product(*axes)] if axes else [{}]
-
-
-def score(samples, prompts, judge, tok) -> dict:
-    m = metrics.summarize(samples)
-    sc = judge_scores(judge, tok, prompts, samples)
-    nll, n = sum(s for s, _ in sc), sum(c for _, c in sc)
-    m["judge_ppl"] = metrics.perplexity(nll, n)
-    return m
 
 
 def main(argv=None) -> int:
@@ -68,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--ar-sampling", nargs="*", default=[], metavar="T:P",
                    help="also AR sampling rows at temperature T, nucleus P (seeded as tmfast.evaluate does)")
     p.add_argument("--out", required=True, help="writes OUT.jsonl and OUT.md")
+    p.set_defaults(stop_at_eos=False, impl=None)  # what tmfast.evaluate's run_maturation reads besides
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     grid = parse_grid(args.grid)
@@ -95,7 +86,7 @@ def main(argv=None) -> int:
                                              {"repetition_penalty": args.rep_penalty})):
             t0 = time.perf_counter()
             s = ar_decode(ar_model, pid, args.max_new_tokens, stop_at_eos=False, batch_size=args.batch_size, **kw)
-            emit({"name": name, "checkpoint": args.ar, "settings": kw, "metrics": score(s, prompts, judge, tok),
+            emit({"name": name, "checkpoint": args.ar, "settings": kw, "metrics": score_samples(s, prompts, judge, tok),
                   "seconds": time.perf_counter() - t0})
     for spec in args.ar_sampling:
         temp, top_p = (float(x) for x in spec.split(":"))
@@ -104,23 +95,16 @@ def main(argv=None) -> int:
         s = ar_decode(ar_model, pid, args.max_new_tokens, stop_at_eos=False, batch_size=args.batch_size,
                       temperature=temp, top_p=top_p, seeds=seeds)
         emit({"name": f"AR sampling T={temp:g} p={top_p:g}", "checkpoint": args.ar,
-              "settings": {"temperature": temp, "top_p": top_p}, "metrics": score(s, prompts, judge, tok),
+              "settings": {"temperature": temp, "top_p": top_p}, "metrics": score_samples(s, prompts, judge, tok),
               "seconds": time.perf_counter() - t0})
     for ckpt in args.maturation:
         model, mtok = load_checkpoint(ckpt)
-        engine = MaturationEngine(model, mtok)
         for setting in grid:
             t0 = time.perf_counter()
-            gens = [GenerationConfig(**{"max_new_tokens": args.max_new_tokens, "tail": args.tail,
-                                        "stop_at_eos": False, **setting, "seed": sample_seed(args.seed, i)})
-                    for i in range(len(prompts))]
-            samples = []
-            for lo in range(0, len(prompts), args.batch_size):
-                samples += [r.token_ids for r in engine.generate(pid[lo:lo + args.batch_size],
-                                                                  gens[lo:lo + args.batch_size])]
+            samples = run_maturation(model, mtok, prompts, {"tail": args.tail, **setting}, args)
             name = f"{Path(ckpt).name} K={args.tail} " + " ".join(f"{k}={v:g}" for k, v in setting.items())
             emit({"name": name, "checkpoint": ckpt, "settings": {"tail": args.tail, **setting},
-                  "metrics": score(samples, prompts, judge, tok), "seconds": time.perf_counter() - t0,
+                  "metrics": score_samples(samples, prompts, judge, tok), "seconds": time.perf_counter() - t0,
                   "example": mtok.decode(samples[0])})
     cols = ("dist1", "dist2", "rep2", "rep3", "loop_pct", "judge_ppl")
     lines = [f"{len(prompts)} validation prompts × {args.max_new_tokens} new tokens, judge {args.ar}; "

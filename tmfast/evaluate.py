@@ -346,19 +346,23 @@ def evaluate(mat_model, mat_tok, ar_model, ar_tok, judge, prompts: list[Prompt],
             extra.insert(0, (f"maturation, engine defaults (K={d.tail} s={d.guidance:g} α_max={d.alpha_max:g} "
                              f"tail_noise={d.tail_noise:g} history_noise={d.history_noise:g})", {}))
         for name, settings in extra:
-            if settings.get("tail", GenerationConfig().tail) > mat_model.config.k_max:
-                raise EvalError(f"{name}: tail > the model's k_max={mat_model.config.k_max}")
             add(name, "maturation", settings, lambda st=settings: run_maturation(mat_model, tok, prompts, st, args))
     for r in rows:
         if r.skipped:
             continue
-        r.metrics = metrics.summarize(r.samples)
-        sc = judge_scores(judge, tok, prompts, r.samples) if judge is not None else None
-        if sc is not None:
-            nll, n = sum(s for s, _ in sc), sum(c for _, c in sc)
-            r.metrics["judge_nll"] = nll / n if n else None
-            r.metrics["judge_ppl"] = metrics.perplexity(nll, n)
+        r.metrics = score_samples(r.samples, prompts, judge, tok)
     return rows
+
+
+def score_samples(samples: list[list[int]], prompts: list[Prompt], judge, tokenizer) -> dict:
+    """The table's metrics of one method's continuations, plus judge NLL/PPL when there is a judge."""
+    out = metrics.summarize(samples)
+    if judge is not None:
+        sc = judge_scores(judge, tokenizer, prompts, samples)
+        nll, n = sum(s for s, _ in sc), sum(c for _, c in sc)
+        out["judge_nll"] = nll / n if n else None
+        out["judge_ppl"] = metrics.perplexity(nll, n)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -463,6 +467,10 @@ def run(args, out=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     mat_model, mat_tok = _load(args.maturation)
+    if mat_model is not None:  # a row the model cannot run fails before anything runs
+        for name, settings in extra_settings(args.maturation_row):
+            if settings.get("tail", GenerationConfig().tail) > mat_model.config.k_max:
+                raise EvalError(f"{name}: tail > the model's k_max={mat_model.config.k_max}")
     ar_model, ar_tok = _load(args.ar)
     if mat_model is None and ar_model is None:
         raise EvalError("nothing to evaluate: give --maturation and/or --ar")
