@@ -5,16 +5,20 @@
     python bench/throughput.py --random              # a random model of the default model's shape
 
 Sections (each prints a Markdown table; --out writes them all to OUT.md and OUT.json):
-  gen        committed tokens/s at batch {1, 32}, K {1, 16}, s {1, 2}, eager and compiled,
-             and HF `transformers` greedy `generate` on a random GPT-2 of the same size
-             (eager dynamic cache; static cache eager; static cache + torch.compile),
-             reported as ratios to HF eager at the same batch. "decode tok/s" = batch /
-             median step time (steady state); "e2e tok/s" includes prefill and first steps.
+  gen        committed tokens/s at batch {1, 32}, K {1, 16}, s {1, 2}, α_max {1 (inert tails,
+             the default), 0.5 (live tails)}, eager and compiled, and HF `transformers` greedy
+             `generate` on a random GPT-2 of the same size (eager dynamic cache; static cache
+             eager; static cache + torch.compile), reported as ratios to HF eager at the same
+             batch. "decode tok/s" = batch / median step time (steady state); "e2e tok/s"
+             includes prefill and first steps.
+  medium     the same comparison at the GPT-2-Medium shape (24 layers, d=1024, V=50257,
+             random weights), batch {1, 8}, short runs
   prefix     cached step vs the naive full recompute (tests/naive_reference.py) at
              prefix 128/512/1024 (a random model of the same widths with 1.2k positions)
   breakdown  one step split into model forward / maturation update / commit / rest, with
              model FLOPs and bytes touched per step, the FLOP floor (FLOPs ÷ measured
-             matmul throughput) and the byte floor (bytes ÷ measured copy bandwidth), the
+             matmul throughput) and the byte floors (bytes ÷ measured copy bandwidth of a
+             cache-resident and of a DRAM-sized buffer), the
              achieved fraction of each, and achieved GB/s (bytes ÷ step time, as gpt-fast)
   train      training tokens/s of the maturation vs the AR objective on the same backbone
              (train.objectives, forward + backward + AdamW, synthetic token data)
@@ -50,7 +54,7 @@ from tmfast.evaluate import machine_info  # noqa: E402
 from csrc_triton import maturation_update, nn_commit  # noqa: E402
 
 DEFAULT_CKPT = ROOT / "tmfast" / "assets" / "maturation"
-SECTIONS = ("gen", "prefix", "breakdown", "train", "memory")
+SECTIONS = ("gen", "medium", "prefix", "breakdown", "train", "memory")
 
 
 def sync(dev):
@@ -133,71 +137,116 @@ def hf_run(hf, ids, new, static: bool):
 
 
 def section_gen(model, args, dev):
+    configs = [(mode, K, s, a_max) for mode in ["eager"] + (["compiled"] if args.compile else [])
+               for a_max in args.alpha_max for K in args.tail for s in args.guidance
+               if not (s != 1.0 and (K == 1 or a_max == 1.0))]  # no guidance computed there: the s = 1 step
+    rows = compare_gen(model, dev, args.batch, configs, args.new_tokens, args.prompt_len, args.reps, args.compile,
+                       args.impl)
+    return rows, gen_table(rows, f"prompt {args.prompt_len} random tokens, {args.new_tokens} new tokens", args.reps)
+
+
+def section_medium(model, args, dev):
+    """The paper's backbone shape (GPT-2 Medium: 24 layers, d=1024, 16 heads, V=50257), random weights."""
+    cfg = ModelConfig(vocab_size=50257, n_positions=1024, n_layer=24, n_head=16, n_embd=1024, k_max=16)
+    torch.manual_seed(0)
+    big = TMModel(cfg).eval().to(dev)
+    configs = [("eager", 16, 1.0, 1.0)] + ([("compiled", 16, 1.0, 1.0)] if args.compile else []) + \
+              [("eager", 16, 1.0, 0.5)]
+    rows = compare_gen(big, dev, args.medium_batch, configs, args.medium_new_tokens, args.prompt_len,
+                       args.medium_reps, args.compile, args.impl)
+    what = (f"GPT-2-Medium shape ({cfg.n_layer} layers, d={cfg.n_embd}, V={cfg.vocab_size}, "
+            f"{big.num_params() / 1e6:.0f}M params, random weights, fp32), prompt {args.prompt_len} random tokens, "
+            f"{args.medium_new_tokens} new tokens")
+    del big
+    return rows, gen_table(rows, what, args.medium_reps)
+
+
+def compare_gen(model, dev, batches, configs, new, plen, reps, hf_compile, impl):
+    """Rows of committed tokens/s: HF greedy generate on a random GPT-2 twin (eager, static cache,
+    static cache + compile) and tmfast for each (mode, K, s, α_max), at each batch.
+
+    Paired rounds: every runner is warmed (compiled) first, then each round runs every runner
+    once, in an order rotated from round to round, so machine-load drift hits all of them alike;
+    a runner's figures are its medians over the rounds."""
     cfg = model.config
-    new, plen = args.new_tokens, args.prompt_len
     rows = []
     gen = torch.Generator().manual_seed(0)
-    modes = ["eager"] + (["compiled"] if args.compile else [])
-    for B in args.batch:
+    for B in batches:
         prompts = torch.randint(0, cfg.vocab_size, (B, plen), generator=gen).tolist()
-        hf = hf_twin(cfg).to(dev)
         ids = torch.tensor(prompts, device=dev)
-        hf_rows = {}
+        runners, notes = {}, {}
+        hf = hf_twin(cfg).to(dev)
+        runners["HF eager"] = lambda hf=hf: hf_run(hf, ids, new, False)
+        runners["HF static cache"] = lambda hf=hf: hf_run(hf, ids, new, True)
+        if hf_compile:
+            hfc = hf_twin(cfg).to(dev)
+            hfc.forward = torch.compile(hfc.forward, dynamic=False)
+            runners["HF static cache + compile"] = lambda hf=hfc: hf_run(hf, ids, new, True)
+        for mode, K, s, a_max in configs:
+            g = GenerationConfig(max_new_tokens=new, tail=K, guidance=s, alpha_max=a_max, seed=0, stop_at_eos=False)
+            eng = MaturationEngine(model, compile=mode == "compiled", impl=impl)
+            runners[(mode, K, s, a_max)] = lambda eng=eng, g=g: tm_run(eng, prompts, g)
+        warm = {}
         with torch.no_grad():
-            hf_run(hf, ids, 4, False)  # warm
-            total, step = min((hf_run(hf, ids, new, False) for _ in range(args.reps)), key=lambda r: r[1])
-            hf_rows["HF eager"] = (total, step)
-            try:
-                hf_run(hf, ids, 4, True)
-                hf_rows["HF static cache"] = min((hf_run(hf, ids, new, True) for _ in range(args.reps)),
-                                                 key=lambda r: r[1])
-            except Exception as e:  # noqa: BLE001
-                hf_rows["HF static cache"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
-            if args.compile:
+            for name, run in list(runners.items()):
+                t0 = time.perf_counter()
                 try:
-                    hf.forward = torch.compile(hf.forward, dynamic=False)
-                    t0 = time.perf_counter()
-                    hf_run(hf, ids, new, True)
-                    warm = time.perf_counter() - t0
-                    hf_run(hf, ids, new, True)
-                    r = min((hf_run(hf, ids, new, True) for _ in range(args.reps)), key=lambda r: r[1])
-                    hf_rows["HF static cache + compile"] = r
-                    print(f"#   (HF compile + first run, batch {B}: {warm:.0f} s)", flush=True)
+                    run()  # warm: lazy imports, first allocations, compilation
+                    if name == "HF static cache + compile":
+                        run()
                 except Exception as e:  # noqa: BLE001
-                    hf_rows["HF static cache + compile"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
-        base = hf_rows["HF eager"][1]
-        for name, r in hf_rows.items():
-            if isinstance(r, str):
-                rows.append({"batch": B, "engine": name, "K": "", "s": "", "note": r})
+                    notes[name] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+                    del runners[name]
+                warm[name] = time.perf_counter() - t0
+            results = {name: [] for name in runners}
+            names = list(runners)
+            for r in range(reps):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    results[name].append(runners[name]())
+        del hf, runners
+        med = {name: (statistics.median(t for t, _ in rs), statistics.median(st for _, st in rs))
+               for name, rs in results.items()}
+        base_total, base = med["HF eager"]
+        for name in [n for n in ("HF eager", "HF static cache", "HF static cache + compile") if n in med or n in notes]:
+            if name in notes:
+                rows.append({"batch": B, "engine": name, "K": "", "s": "", "note": notes[name]})
                 continue
-            rows.append({"batch": B, "engine": name, "K": "", "s": "", "e2e_tok_s": B * new / r[0],
-                         "decode_tok_s": B / r[1], "step_ms": r[1] * 1e3, "ratio": base / r[1]})
-        for mode in modes:
-            for K in args.tail:
-                for s in args.guidance:
-                    g = GenerationConfig(max_new_tokens=new, tail=K, guidance=s, seed=0, stop_at_eos=False)
-                    eng = MaturationEngine(model, compile=mode == "compiled", impl=args.impl)
-                    t0 = time.perf_counter()
-                    tm_run(eng, prompts, g)  # warm (compiles once per shape)
-                    warm = time.perf_counter() - t0
-                    total, step = min((tm_run(eng, prompts, g) for _ in range(args.reps)), key=lambda r: r[1])
-                    rows.append({"batch": B, "engine": f"tmfast {mode}", "K": K, "s": s, "e2e_tok_s": B * new / total,
-                                 "decode_tok_s": B / step, "step_ms": step * 1e3, "ratio": base / step,
-                                 "warmup_s": warm})
-                    print(f"#   tmfast {mode} B={B} K={K} s={s:g}: {B / step:.0f} tok/s"
-                          + (f" (compile + first run {warm:.0f} s)" if mode == "compiled" else ""), flush=True)
-    lines = [f"Committed tokens/s: prompt {plen} random tokens, {new} new tokens, median step of the best of "
-             f"{args.reps} runs; ratio = decode tok/s ÷ HF eager decode tok/s at the same batch.", "",
-             "| batch | engine | K | s | decode tok/s | step ms | e2e tok/s | ratio vs HF eager |",
-             "|---|---|---|---|---|---|---|---|"]
+            total, step = med[name]
+            rows.append({"batch": B, "engine": name, "K": "", "s": "", "e2e_tok_s": B * new / total,
+                         "decode_tok_s": B / step, "step_ms": step * 1e3, "ratio": base / step,
+                         "e2e_ratio": base_total / total, "warmup_s": warm[name]})
+        for mode, K, s, a_max in configs:
+            name = (mode, K, s, a_max)
+            if name in notes:
+                rows.append({"batch": B, "engine": f"tmfast {mode}", "K": K, "s": s, "alpha_max": a_max,
+                             "note": notes[name]})
+                continue
+            total, step = med[name]
+            rows.append({"batch": B, "engine": f"tmfast {mode}", "K": K, "s": s, "alpha_max": a_max,
+                         "e2e_tok_s": B * new / total, "decode_tok_s": B / step, "step_ms": step * 1e3,
+                         "ratio": base / step, "e2e_ratio": base_total / total, "warmup_s": warm[name]})
+            print(f"#   tmfast {mode} B={B} K={K} s={s:g} α_max={a_max:g}: {B / step:.0f} tok/s, "
+                  f"{base / step:.2f}× HF eager (warm-up {warm[name]:.0f} s)", flush=True)
+    return rows
+
+
+def gen_table(rows, what: str, reps: int) -> str:
+    lines = [f"Committed tokens/s: {what}; medians over {reps} paired rounds (each round runs every row once, "
+             "in rotated order); decode = batch ÷ median step time; tmfast at its defaults "
+             "otherwise (tail_noise 0.4); ratio = decode tok/s ÷ HF eager decode tok/s at the same batch, "
+             "e2e ratio = the same for whole generate calls (prefill included). s = 2 is listed only where "
+             "guidance is computed (K > 1 and α_max < 1).", "",
+             "| batch | engine | K | s | α_max | decode tok/s | step ms | e2e tok/s | ratio vs HF eager | e2e ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "note" in r:
-            lines.append(f"| {r['batch']} | {r['engine']} | | | {r['note']} | | | |")
+            lines.append(f"| {r['batch']} | {r['engine']} | | | | {r['note']} | | | | |")
         else:
             s = "" if r["s"] == "" else f"{r['s']:g}"
-            lines.append(f"| {r['batch']} | {r['engine']} | {r['K']} | {s} | {r['decode_tok_s']:.0f} | "
-                         f"{r['step_ms']:.2f} | {r['e2e_tok_s']:.0f} | {r['ratio']:.2f}× |")
-    return rows, "\n".join(lines)
+            a = f"{r['alpha_max']:g}" if "alpha_max" in r else ""
+            lines.append(f"| {r['batch']} | {r['engine']} | {r['K']} | {s} | {a} | {r['decode_tok_s']:.0f} | "
+                         f"{r['step_ms']:.2f} | {r['e2e_tok_s']:.0f} | {r['ratio']:.2f}× | {r['e2e_ratio']:.2f}× |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------
@@ -236,22 +285,31 @@ def section_prefix(model, args, dev):
 # breakdown: forward / update / commit, FLOP and byte floors
 # --------------------------------------------------------------------------------------
 def measure_peaks(dev) -> dict:
+    """Measured peaks: fp32 matmul, and copy bandwidth for a cache-resident and a DRAM-sized buffer.
+    The buffers are written first: an unwritten torch.empty maps the kernel's shared zero page,
+    and "reading" it runs at cache speed whatever its size."""
     n = 2048 if dev.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     t = timeit(lambda: a @ b, dev, reps=5)
-    x = torch.empty(64 * 2 ** 20, device=dev)  # 256 MiB
-    y = torch.empty_like(x)
-    tc = timeit(lambda: y.copy_(x), dev, reps=5)
-    return {"matmul_gflops": 2 * n ** 3 / t / 1e9, "copy_gbs": 2 * x.numel() * 4 / tc / 1e9}
+    peaks = {"matmul_gflops": 2 * n ** 3 / t / 1e9}
+    for name, mib in (("copy_l3_gbs", 4), ("copy_dram_gbs", 256 if dev.type == "cpu" else 4096)):
+        x = torch.randn(mib * 2 ** 18, device=dev)
+        y = torch.randn_like(x)
+        tc = timeit(lambda: y.copy_(x), dev, reps=20 if mib < 64 else 5)
+        peaks[name] = 2 * x.numel() * 4 / tc / 1e9  # read + write
+        peaks[name.replace("_gbs", "_mib")] = mib
+    return peaks
 
 
-def step_costs(cfg: ModelConfig, n_params: int, B: int, K: int, guided: bool, S: int, dtype_bytes: int = 4) -> dict:
+def step_costs(cfg: ModelConfig, n_params: int, B: int, K: int, guided: bool, S: int, front_only: bool,
+               dtype_bytes: int = 4) -> dict:
     """Model FLOPs and bytes touched by one engine step (fp32): every weight once, the whole
-    KV cache once (the step attends over all cache slots under a mask), the table for the commit."""
+    KV cache once (the step attends over all cache slots under a mask), the table for the commit.
+    Positions forwarded: 1 (front-only) or K + (K − 1 if guided)."""
     d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
-    T = 1 + K + (K if guided else 0)
+    T = 1 if front_only else K + (K - 1 if guided else 0)
     tok = B * T
-    lin = L * 12 * d * d + d * d + (128 * d + d * d)  # blocks, vector head, maturity MLP
+    lin = L * 12 * d * d + d * d + (0 if front_only else 128 * d + d * d)  # blocks, vector head, maturity MLP
     flops = 2 * tok * lin + L * 4 * tok * S * d + 2 * B * V * d  # + attention + commit
     params = n_params
     kv = L * 2 * B * S * d
@@ -266,53 +324,76 @@ def section_breakdown(model, args, dev, peaks):
     for B in args.batch:
         for K in args.tail:
             for s in args.guidance:
-                guided = s != 1.0
-                n_slots = P + args.new_tokens + K - 1
-                model.setup_caches(B, n_slots + (K if guided else 0))
-                S = model.blocks[0].attn.kv_cache.k.shape[1]
-                d = cfg.n_embd
-                gen = torch.Generator().manual_seed(0)
-                last = torch.randn(B, d, generator=gen).to(dev)
-                tail = (torch.randn(B, K, d, generator=gen) * 0.1).to(dev)
-                length = torch.full((B,), P, device=dev)
-                k = torch.full((B,), K, device=dev)
-                alpha = torch.tensor(GenerationConfig(tail=K).alpha_profile()).expand(B, K).contiguous().to(dev)
-                guidance = torch.full((B,), s, device=dev)
-                active = torch.ones(B, dtype=torch.bool, device=dev)
-                embryo = torch.zeros(B, d, device=dev)
-                x, pos, a_in, mask, slot = step_window(model, last, tail, length, alpha, n_slots, guided)
-                with torch.no_grad():
-                    out = model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache_slots=slot)
-                    pred_c = out[:, :K]
-                    pred_u = torch.cat([out[:, :1], out[:, 1 + K:2 * K]], 1) if guided else None
-                    t_fwd = timeit(lambda: model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache_slots=slot), dev,
-                                   args.reps * 5)
-                    t_upd = timeit(lambda: maturation_update(tail.clone(), pred_c, alpha, pred_uncond=pred_u,
-                                                             guidance=guidance if guided else None, impl=args.impl),
-                                   dev, args.reps * 20)
-                    front = tail[:, 0].contiguous()
-                    t_com = timeit(lambda: nn_commit(front, model.table.weight, impl=args.impl), dev,
-                                   args.reps * 20)
-                    t_all = timeit(lambda: decode_step(model, last, tail, length, k, alpha, guidance, active,
-                                                       embryo, n_slots=n_slots, guided=guided, impl=args.impl),
-                                   dev, args.reps * 5)
-                c = step_costs(cfg, model.num_params(), B, K, guided, S)
-                f_floor = c["flops"] / (peaks["matmul_gflops"] * 1e9)
-                b_floor = c["bytes"] / (peaks["copy_gbs"] * 1e9)
-                rows.append({"batch": B, "K": K, "s": s, "step_ms": t_all * 1e3, "forward_ms": t_fwd * 1e3,
-                             "update_ms": t_upd * 1e3, "commit_ms": t_com * 1e3,
-                             "rest_ms": (t_all - t_fwd - t_upd - t_com) * 1e3, "gflop": c["flops"] / 1e9,
-                             "mbytes": c["bytes"] / 1e6, "flop_floor_frac": f_floor / t_all,
-                             "byte_floor_frac": b_floor / t_all, "achieved_gbs": c["bytes"] / t_all / 1e9,
-                             "achieved_gflops": c["flops"] / t_all / 1e9})
-    lines = [f"One eager step (prompt {P}, cache {args.new_tokens} + K − 1 more slots); measured peaks: matmul "
-             f"{peaks['matmul_gflops']:.0f} GFLOP/s (fp32 2048² mm), copy {peaks['copy_gbs']:.1f} GB/s (256 MiB); "
-             "floor fraction = floor time ÷ measured step time.", "",
-             "| batch | K | s | step ms | forward | update | commit | rest | GFLOP/step | MB/step | "
-             "% FLOP floor | % byte floor | achieved GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['K']} | {r['s']:g} | {r['step_ms']:.2f} | {r['forward_ms']:.2f} | "
-              f"{r['update_ms']:.3f} | {r['commit_ms']:.3f} | {r['rest_ms']:.2f} | {r['gflop']:.3f} | "
-              f"{r['mbytes']:.1f} | {100 * r['flop_floor_frac']:.1f} % | {100 * r['byte_floor_frac']:.1f} % | "
+                for a_max in args.alpha_max:
+                    front_only = a_max == 1.0  # every tail inert: the engine's front-only step
+                    guided = s != 1.0 and K > 1 and not front_only
+                    if s != 1.0 and not guided:
+                        continue  # the same step as s = 1
+                    n_slots = P + args.new_tokens + K - 1
+                    model.setup_caches(B, n_slots + (K - 1 if guided else 0))
+                    S = model.blocks[0].attn.kv_cache.slots
+                    d = cfg.n_embd
+                    gen = torch.Generator().manual_seed(0)
+                    last = torch.randn(B, d, generator=gen).to(dev)
+                    tail = (torch.randn(B, K, d, generator=gen) * 0.1).to(dev)
+                    length = torch.full((B,), P, device=dev)
+                    k = torch.full((B,), K, device=dev)
+                    alpha = torch.tensor(GenerationConfig(tail=K, alpha_max=a_max).alpha_profile())
+                    alpha = alpha.expand(B, K).contiguous().to(dev)
+                    guidance = torch.full((B,), s, device=dev)
+                    active = torch.ones(B, dtype=torch.bool, device=dev)
+                    embryo = torch.zeros(B, d, device=dev)
+                    win_tail = None if front_only else tail
+                    m1 = model.maturity_at(1.0)
+                    x, pos, a_in, mask, slot = step_window(model, last, win_tail, length, alpha, n_slots, guided)
+
+                    def forward():
+                        return model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache_slots=slot,
+                                     maturity=m1 if front_only else None)
+
+                    with torch.no_grad():
+                        out = forward()
+                        t_fwd = timeit(forward, dev, args.reps * 5)
+                        if front_only:
+                            t_upd = 0.0
+                            front = out[:, 0].contiguous()
+                        else:
+                            pred_c = out[:, :K]
+                            pred_u = torch.cat([out[:, :1], out[:, K:]], 1) if guided else None
+                            t_upd = timeit(lambda: maturation_update(tail.clone(), pred_c, alpha, pred_uncond=pred_u,
+                                                                     guidance=guidance if guided else None,
+                                                                     impl=args.impl), dev, args.reps * 20)
+                            front = tail[:, 0].contiguous()
+                        t_com = timeit(lambda: nn_commit(front, model.table.weight, impl=args.impl), dev,
+                                       args.reps * 20)
+                        t_all = timeit(lambda: decode_step(
+                            model, last.clone(), None if front_only else tail.clone(), length.clone(), k, alpha,
+                            guidance, active, embryo, n_slots=n_slots, guided=guided, impl=args.impl,
+                            committed_maturity=m1), dev, args.reps * 5)
+                    c = step_costs(cfg, model.num_params(), B, K, guided, S, front_only)
+                    f_floor = c["flops"] / (peaks["matmul_gflops"] * 1e9)
+                    b_l3 = c["bytes"] / (peaks["copy_l3_gbs"] * 1e9)
+                    b_dram = c["bytes"] / (peaks["copy_dram_gbs"] * 1e9)
+                    rows.append({"batch": B, "K": K, "s": s, "alpha_max": a_max, "positions": x.shape[1],
+                                 "step_ms": t_all * 1e3, "forward_ms": t_fwd * 1e3,
+                                 "update_ms": t_upd * 1e3, "commit_ms": t_com * 1e3,
+                                 "rest_ms": (t_all - t_fwd - t_upd - t_com) * 1e3, "gflop": c["flops"] / 1e9,
+                                 "mbytes": c["bytes"] / 1e6, "flop_floor_frac": f_floor / t_all,
+                                 "byte_floor_l3_frac": b_l3 / t_all, "byte_floor_dram_frac": b_dram / t_all,
+                                 "achieved_gbs": c["bytes"] / t_all / 1e9,
+                                 "achieved_gflops": c["flops"] / t_all / 1e9})
+    lines = [f"One eager step (prompt {P}, cache {args.new_tokens} + K − 1 more slots; positions = forwarded per "
+             f"sequence); measured peaks: matmul {peaks['matmul_gflops']:.0f} GFLOP/s (fp32 2048² mm), copy "
+             f"{peaks['copy_l3_gbs']:.1f} GB/s ({peaks['copy_l3_mib']} MiB, cache-resident) and "
+             f"{peaks['copy_dram_gbs']:.1f} GB/s ({peaks['copy_dram_mib']} MiB, DRAM), read + write of written "
+             "buffers; floor fraction = floor time ÷ measured step time.", "",
+             "| batch | K | s | α_max | positions | step ms | forward | update | commit | rest | GFLOP/step | MB/step | "
+             "% FLOP floor | % byte floor (L3) | % byte floor (DRAM) | achieved GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['K']} | {r['s']:g} | {r['alpha_max']:g} | {r['positions']} | {r['step_ms']:.2f} | "
+              f"{r['forward_ms']:.2f} | {r['update_ms']:.3f} | {r['commit_ms']:.3f} | {r['rest_ms']:.2f} | "
+              f"{r['gflop']:.3f} | {r['mbytes']:.1f} | {100 * r['flop_floor_frac']:.1f} % | "
+              f"{100 * r['byte_floor_l3_frac']:.1f} % | {100 * r['byte_floor_dram_frac']:.1f} % | "
               f"{r['achieved_gbs']:.1f} |" for r in rows]
     return rows, "\n".join(lines)
 
@@ -470,10 +551,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--tail", type=int, nargs="+", default=[1, 16])
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
+    p.add_argument("--alpha-max", type=float, nargs="+", default=[1.0, 0.5],
+                   help="1 = inert tails (the default; front-only steps), < 1 = live tails")
+    p.add_argument("--medium-batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--medium-new-tokens", type=int, default=16)
+    p.add_argument("--medium-reps", type=int, default=3)
     p.add_argument("--prefix", type=int, nargs="+", default=[128, 512, 1024])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5, help="paired rounds (gen, medium) / timing repeats")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled rows")
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--train-steps", type=int, default=5)
@@ -508,7 +594,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     for sec in args.sections:
         t0 = time.perf_counter()
-        fn = {"gen": section_gen, "prefix": section_prefix, "train": section_train, "memory": section_memory,
+        fn = {"gen": section_gen, "medium": section_medium, "prefix": section_prefix, "train": section_train, "memory": section_memory,
               "breakdown": lambda m, a, d: section_breakdown(m, a, d, peaks)}[sec]
         rows, text = fn(model, args, dev)
         results[sec] = rows

@@ -163,15 +163,67 @@ def test_engine_output_is_identical_with_the_triton_kernels(model):
         torch.testing.assert_close(torch.tensor(b.tail_entropy), torch.tensor(a.tail_entropy), rtol=1e-4, atol=1e-5)
 
 
-def test_a_non_finite_tail_ends_only_its_own_sequence(model):
+@pytest.mark.parametrize("alpha_max", [0.7, 1.0])
+def test_a_non_finite_state_ends_only_its_own_sequence(model, alpha_max):
+    # live tails (α_max < 1): poison a's front tail slot; inert tails (α_max = 1, front-only
+    # steps, the tail is never read): poison a's last committed vector, which the front is predicted from
     from tmfast.engine import Engine
     engine = Engine(model, max_batch=2, max_len=64, k_window=4)
-    a = engine.add_request([1, 2, 3], GenerationConfig(max_new_tokens=6, tail=4, seed=1))
-    b = engine.add_request([4, 5], GenerationConfig(max_new_tokens=6, tail=4, seed=2))
+    a = engine.add_request([1, 2, 3], GenerationConfig(max_new_tokens=6, tail=4, seed=1, alpha_max=alpha_max))
+    b = engine.add_request([4, 5], GenerationConfig(max_new_tokens=6, tail=4, seed=2, alpha_max=alpha_max))
     engine.step()
-    engine.batch.tail[0, 0] = float("nan")  # a's front slot: what it commits next
+    if alpha_max < 1:
+        engine.batch.tail[0, 0] = float("nan")  # a's front slot: what it commits next
+    else:
+        engine.batch.last[0] = float("nan")
     events = [e for e in engine.run()]
     ea = [e for e in events if e.request_id == a]
     assert ea[-1].finish_reason == "error" and "not finite" in ea[-1].error
     eb = [e for e in events if e.request_id == b]
     assert eb[-1].finish_reason == "length"
+
+
+GRID = [GenerationConfig(max_new_tokens=16, tail=K, guidance=s, alpha_max=a, tail_noise=tn,
+                         history_noise=0.2 if i % 3 == 0 else 0.0, seed=i)
+        for i, (K, s, a, tn) in enumerate((K, s, a, tn) for K in (1, 4, 16) for s in (1.0, 2.0)
+                                          for a in (1.0, 0.6) for tn in (0.0, 0.3))]
+GRID_PROMPTS = [PROMPTS[i % len(PROMPTS)] for i in range(len(GRID))]
+
+
+@pytest.mark.parametrize("batch", ["inert", "live", "mixed", "inert watched"])
+def test_trimmed_and_front_only_steps_commit_what_the_full_naive_reference_commits(model, batch):
+    """The engine forwards only what can change a commit (no back slot; the committed position
+    alone when every tail is inert); the naive reference runs the full, literal window. Over
+    K × s × α_max × noises, in batches of inert tails only (front-only steps), live tails only,
+    both mixed, and inert tails whose request watches the tail (full steps)."""
+    pick = {"inert": lambda g: g.alpha_max == 1, "live": lambda g: g.alpha_max < 1,
+            "mixed": lambda g: True, "inert watched": lambda g: g.alpha_max == 1}[batch]
+    items = [(p, g) for p, g in zip(GRID_PROMPTS, GRID) if pick(g)]
+    prompts, gens = [p for p, _ in items], [g for _, g in items]
+    widths = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
+    try:
+        results = MaturationEngine(model).generate(prompts, gens, show_tail=batch == "inert watched")
+    finally:
+        hook.remove()
+    for prompt, g, r in zip(prompts, gens, results):
+        assert r.token_ids == naive_generate(model, prompt, g), g
+    steps = widths[1:]  # after the prefill
+    kw, guided = max(g.tail for g in gens), any(g.guidance != 1 and g.tail > 1 for g in gens)
+    if batch == "inert":
+        assert set(steps) == {1}, "every tail is inert: a step forwards the committed position alone"
+    else:  # [last committed | K−1 tail slots | K−1 again if guided]: the back slot never
+        assert set(steps) == {kw + (kw - 1 if guided else 0)}
+
+
+@pytest.mark.parametrize("alpha_max", [1.0, 0.6])
+def test_compiled_steps_never_recompile_in_either_step_kind(model, alpha_max):
+    torch._dynamo.reset()
+    g = GenerationConfig(max_new_tokens=10, tail=4, guidance=2.0, alpha_max=alpha_max, tail_noise=0.3, seed=5)
+    eager = [r.token_ids for r in MaturationEngine(model).generate(PROMPTS, g)]
+    eng = MaturationEngine(model, compile=True)
+    assert [r.token_ids for r in eng.generate(PROMPTS, g)] == eager  # compiles on the first step
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = eng.generate(PROMPTS, GenerationConfig(**{**g.to_dict(), "seed": 6}))
+    assert [r.token_ids for r in again] == [r.token_ids for r in MaturationEngine(model).generate(
+        PROMPTS, GenerationConfig(**{**g.to_dict(), "seed": 6}))]

@@ -61,36 +61,51 @@ def check_impl(impl: str | None, device: torch.device) -> None:
 # --------------------------------------------------------------------------------------
 # the two compiled-friendly functions
 # --------------------------------------------------------------------------------------
-def prefill(model: TMModel, x: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> None:
-    """Write the K/V of committed vectors x (n, T, d) (right-padded) into cache rows `rows`, slots 0..T-1."""
+def prefill(model: TMModel, x: torch.Tensor, k: torch.Tensor, rows: slice) -> None:
+    """Write the K/V of committed vectors x (n, T, d) (right-padded) into cache rows `rows`
+    (a range of n rows), slots 0..T-1."""
     n, T, _ = x.shape
-    slots = model.blocks[0].attn.kv_cache.k.shape[1]
     t = torch.arange(T, device=x.device)
-    mask = (torch.arange(slots, device=x.device).view(1, 1, 1, -1) <= t.view(1, 1, T, 1))
+    mask = t.view(1, 1, 1, T) <= t.view(1, 1, T, 1)  # causal over the T slots written: nothing else is read
     model.hidden(x, pos=t.expand(n, T), alpha=torch.ones(n, T, device=x.device), k=k, mask=mask,
-                 cache_slots=t.expand(n, T), cache_rows=rows)
+                 cache_slots=t.expand(n, T), cache_rows=rows, cache_span=T)
 
 
-def step_window(model: TMModel, last, tail, length, alpha, n_slots: int, guided: bool):
-    """The step's forward inputs: (x, pos, alpha_in, mask, cache slots) for the window
-    [last committed | tail | tail again if guided] of every sequence (see decode_step)."""
-    B, Kw, _ = tail.shape
-    dev = tail.device
-    j = torch.arange(Kw, device=dev)
+def step_window(model: TMModel, last, tail, length, alpha, n_slots: int, guided: bool, span: int | None = None):
+    """The step's forward inputs (x, pos, alpha_in, mask, cache slots) for every sequence.
+
+    The output at a position predicts the slot after it, so a step needs exactly:
+      tail None   [last committed]                    the front-only window (inert tails):
+                                                      its output is the front's prediction
+      tail given  [last committed | tail slots 0..Kw−2 | the same again, unconditional, if guided]
+    The back slot is never forwarded: its output would predict a slot that does not exist, and
+    in a causal window nothing attends to it. The unconditional copy sits at the same positions
+    in scratch cache slots past n_slots and sees only the tail; its front prediction is the
+    committed position's (history is shared by both streams). alpha_in is None for the
+    front-only window: every position there is committed (α = 1, see TMModel.hidden).
+    span: attend over the first `span` cache slots only (default: the whole cache).
+    """
+    B, dev = last.shape[0], last.device
     P = length.view(B, 1)
-    pos = torch.cat([P - 1, P + j], dim=1)  # c0, tail
-    slot, lo, hi = pos, torch.zeros_like(pos), pos
-    x = torch.cat([last.unsqueeze(1), tail], dim=1)
-    a_in = torch.cat([torch.ones(B, 1, device=dev), alpha], dim=1)
-    if guided:  # unconditional tail: same positions, scratch slots, sees only the tail
-        scratch = (n_slots + j).expand(B, Kw)
+    pos = P - 1
+    x = last.unsqueeze(1)
+    slot, lo, hi, a_in = pos, torch.zeros_like(pos), pos, None
+    if tail is not None:
+        T = tail.shape[1] - 1
+        j = torch.arange(T, device=dev)
+        x = torch.cat([x, tail[:, :T]], dim=1)
         pos = torch.cat([pos, P + j], dim=1)
-        slot = torch.cat([slot, scratch], dim=1)
-        lo = torch.cat([lo, torch.full_like(scratch, n_slots)], dim=1)
-        hi = torch.cat([hi, scratch], dim=1)
-        x = torch.cat([x, tail], dim=1)
-        a_in = torch.cat([a_in, alpha], dim=1)
-    s = torch.arange(model.blocks[0].attn.kv_cache.k.shape[1], device=dev).view(1, 1, -1)
+        slot, lo, hi = pos, torch.zeros_like(pos), pos
+        a_in = torch.cat([torch.ones(B, 1, device=dev), alpha[:, :T]], dim=1)
+        if guided:
+            scratch = (n_slots + j).expand(B, T)
+            pos = torch.cat([pos, P + j], dim=1)
+            slot = torch.cat([slot, scratch], dim=1)
+            lo = torch.cat([lo, torch.full_like(scratch, n_slots)], dim=1)
+            hi = torch.cat([hi, scratch], dim=1)
+            x = torch.cat([x, tail[:, :T]], dim=1)
+            a_in = torch.cat([a_in, alpha[:, :T]], dim=1)
+    s = torch.arange(span or model.blocks[0].attn.kv_cache.slots, device=dev).view(1, 1, -1)
     mask = ((s >= lo.unsqueeze(-1)) & (s <= hi.unsqueeze(-1))).unsqueeze(1)
     return x, pos.clamp(max=model.config.n_positions - 1), a_in, mask, slot
 
@@ -98,52 +113,70 @@ def step_window(model: TMModel, last, tail, length, alpha, n_slots: int, guided:
 def decode_step(model: TMModel, last, tail, length, k, alpha, guidance, active, embryo,
                 n_slots: int, guided: bool, impl: str | None = None, probe: bool = False,
                 entropy_tau: float | None = None, table_inv_norm: torch.Tensor | None = None,
-                history_noise: torch.Tensor | None = None, tail_noise: torch.Tensor | None = None):
-    """One maturation step for the whole batch. Shapes never change between steps.
+                history_noise: torch.Tensor | None = None, tail_noise: torch.Tensor | None = None,
+                committed_maturity: torch.Tensor | None = None, span: int | None = None):
+    """One maturation step for the whole batch, in place on the state (last, tail, length).
+    Shapes never change between steps and nothing in here syncs with the host.
 
     last (B,d) committed vector at position length-1; tail (B,Kw,d) front first;
     length (B,) committed count P; k (B,) tail lengths ≤ Kw; alpha (B,Kw) (0 on dead slots);
     guidance (B,); active (B,) bool; embryo (B,d) the vector appended this step.
     history_noise (B,d): added to the committed vector as the model will read it (the paper's
-    "history noise"); tail_noise (B,Kw,d): added to the tail in the update ("stochastic dynamics").
+    "history noise"); tail_noise (B,Kw,d), unscaled: × √α is added to the tail in the update
+    ("stochastic dynamics").
+    tail None — the front-only step, for a batch whose tails are all inert (front α = 1: the
+    front is overwritten by the prediction from the last committed position, so no other slot
+    can change a commit): forward [last committed] alone, commit prediction (+ tail_noise (B,d),
+    the front slot's draw). alpha, guidance and embryo are unused; committed_maturity, the
+    maturity conditioning at α = 1, may be passed precomputed (it is a constant while serving).
     n_slots: cache slots for positions (the unconditional stream's scratch slots follow).
+    span: attend over the first `span` cache slots only (every position this step reads or
+    writes must lie below it; default: the whole cache, one shape for every step).
     The B sequences own KV-cache rows 0..B-1 (a prefix of the cache: a view, no copy).
     probe: also return each tail slot's nearest token (and, with entropy_tau, the entropy of
     softmax(cos(z̃,E)/τ), using table_inv_norm), measured after the update and before the
     shift (slot 0 = committed). A slot whose vector is not finite commits index -1 (no sync
     here: the caller ends that sequence alone).
-    Returns (last, tail, length, committed ids, ‖Δz̃‖, probe ids, probe entropy).
+    Returns (committed ids, ‖Δz̃‖ or None, probe ids, probe entropy).
     """
-    B, Kw, d = tail.shape
-    j = torch.arange(Kw, device=tail.device)
-    x, pos, a_in, mask, slot = step_window(model, last, tail, length, alpha, n_slots, guided)
-    out = model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache_slots=slot)
-    pred_c = out[:, :Kw]
-    pred_u = torch.cat([out[:, :1], out[:, 1 + Kw:2 * Kw]], dim=1) if guided else None
-
-    tail = tail.clone()
-    delta_norm, _ = maturation_update(
-        tail, pred_c, alpha * active.unsqueeze(1), pred_uncond=pred_u,
-        guidance=guidance if guided else None, noise=tail_noise, impl=impl)
+    x, pos, a_in, mask, slot = step_window(model, last, tail, length, alpha, n_slots, guided, span)
+    if tail is None:
+        out = model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache_slots=slot, maturity=committed_maturity,
+                    cache_span=span)
+        front = out[:, 0] if tail_noise is None else out[:, 0] + tail_noise
+        delta_norm = None
+    else:
+        B, Kw, d = tail.shape
+        out = model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache_slots=slot, cache_span=span)
+        pred_c = out[:, :Kw]
+        pred_u = torch.cat([out[:, :1], out[:, Kw:]], dim=1) if guided else None
+        if tail_noise is not None:  # slots that move more get more noise (α is 0 on unused slots)
+            tail_noise = tail_noise * alpha.sqrt().unsqueeze(-1)
+        new = tail.clone()
+        delta_norm, _ = maturation_update(
+            new, pred_c, alpha * active.unsqueeze(1), pred_uncond=pred_u,
+            guidance=guidance if guided else None, noise=tail_noise, impl=impl)
+        front = new[:, 0]
     table = model.table.weight
-    idx, _, _, _ = nn_commit(tail[:, 0], table, impl=impl, check_finite=False)
+    idx, _, _, _ = nn_commit(front, table, impl=impl, check_finite=False)
     probe_ids = probe_entropy = None
     if probe:  # a separate call: probing must never change what is committed
-        probe_ids, _, _, probe_entropy = nn_commit(tail.reshape(B * Kw, d), table, entropy_tau=entropy_tau,
+        probe_ids, _, _, probe_entropy = nn_commit(new.reshape(B * Kw, d), table, entropy_tau=entropy_tau,
                                                    table_inv_norm=table_inv_norm, impl=impl,
                                                    check_finite=False)
         probe_ids = probe_ids.view(B, Kw)
         probe_entropy = probe_entropy.view(B, Kw) if probe_entropy is not None else None
-
-    shifted = torch.cat([tail[:, 1:], embryo.unsqueeze(1)], dim=1)
-    shifted = torch.where((j == (k - 1).unsqueeze(1)).unsqueeze(-1), embryo.unsqueeze(1), shifted)
-    act = active.view(B, 1)
-    new_tail = torch.where(act.unsqueeze(-1), shifted, tail)
+    if tail is not None:  # drop the front, a fresh embryo at the back of each sequence's own K slots
+        j = torch.arange(Kw, device=tail.device)
+        shifted = torch.cat([new[:, 1:], embryo.unsqueeze(1)], dim=1)
+        shifted = torch.where((j == (k - 1).unsqueeze(1)).unsqueeze(-1), embryo.unsqueeze(1), shifted)
+        tail.copy_(torch.where(active.view(-1, 1, 1), shifted, new))
     committed = model.table(idx.clamp(min=0))
     if history_noise is not None:
         committed = committed + history_noise
-    new_last = torch.where(act, committed, last)
-    return new_last, new_tail, length + active.long(), idx, delta_norm, probe_ids, probe_entropy
+    last.copy_(torch.where(active.unsqueeze(1), committed, last))
+    length.add_(active.long())
+    return idx, delta_norm, probe_ids, probe_entropy
 
 
 # --------------------------------------------------------------------------------------
@@ -164,23 +197,43 @@ class EmbryoStream:
         self.dim, self.scale, self.block = dim, norm / math.sqrt(dim), block
         self._buf, self._next = torch.empty(0, dim), 0
 
+    def _refill(self) -> None:
+        self._buf = torch.randn(self.block, self.dim, generator=self.gen) * self.scale
+        self._next = 0
+
     def take(self, n: int) -> torch.Tensor:
+        """The next n draws (n, dim)."""
+        if self._next + n <= len(self._buf):  # the common case: a view of the current block
+            self._next += n
+            return self._buf[self._next - n:self._next]
         out = []
         while n > 0:
             if self._next == len(self._buf):
-                self._buf = torch.randn(self.block, self.dim, generator=self.gen) * self.scale
-                self._next = 0
+                self._refill()
             m = min(n, len(self._buf) - self._next)
             out.append(self._buf[self._next:self._next + m])
             self._next += m
             n -= m
         return torch.cat(out)
 
+    def take_first(self, n: int) -> torch.Tensor:
+        """The first of the next n draws (dim,); the other n − 1 are drawn and dropped, so the
+        stream stays where take(n) would leave it."""
+        first = self.take(1)[0]
+        n -= 1
+        while n > 0:
+            if self._next == len(self._buf):
+                self._refill()
+            m = min(n, len(self._buf) - self._next)
+            self._next += m
+            n -= m
+        return first
+
 
 @dataclass
 class StepOutput:
     committed: list[int]  # per slot (meaningful for the slots that were active)
-    delta_norm: torch.Tensor  # (B, Kw)
+    delta_norm: torch.Tensor | None  # (B, Kw); None after a front-only step
     tail_ids: list[list[int]] | None
     tail_entropy: torch.Tensor | None
 
@@ -192,17 +245,29 @@ class DecodeBatch:
     rounded up to a power of two (cache rows as a view), and when a sequence leaves a
     hole, the last one moves into it (one cache-row copy per finished sequence).
 
+    A sequence's tail is *live* when it can change a commit or is watched: front α < 1, or its
+    request asked for the tail (preview, per-slot stats). Otherwise it is *inert* and kept as
+    zeros with α = [1, 0, …, 0]: only its front prediction (and its noise) matters. A step in
+    which every running tail is inert forwards the committed positions alone (decode_step with
+    tail=None); any live tail makes it forward the tail window for the whole batch.
+
     max_len: cache slots for positions; a sequence needs prompt + new tokens + k_window − 1
-    of them. The cache holds k_window scratch slots more for the unconditional stream.
+    of them. The cache holds k_window − 1 scratch slots more for the unconditional stream.
     """
 
     def __init__(self, model: TMModel, max_batch: int, max_len: int, k_window: int, step_fn,
-                 impl: str | None = None):
+                 impl: str | None = None, bounded_span: bool = True):
         self.model, self.step_fn, self.impl = model, step_fn, impl
+        # attend over the cache slots in use, not the whole cache: a shape that changes every
+        # step, so only where nothing is compiled (a compiled step keeps one shape per bucket)
+        self.bounded_span = bounded_span
         self.max_batch, self.max_len, self.k_window = max_batch, max_len, k_window
-        model.setup_caches(max_batch, max_len + k_window)
+        model.setup_caches(max_batch, max_len + k_window - 1)
+        model.cpu_weight_layout()
         self._caches = [b.attn.kv_cache for b in model.blocks]
-        self.table_inv_norm = prepare_table(model.table.weight.detach())  # the table is fixed while serving
+        # constants while serving (the weights do not change under the engine)
+        self.table_inv_norm = prepare_table(model.table.weight.detach())
+        self.committed_maturity = model.maturity_at(1.0)
         p = model.table.weight
         dev, dt, d = p.device, p.dtype, model.config.n_embd
         self.last = torch.zeros(max_batch, d, device=dev, dtype=dt)
@@ -211,12 +276,22 @@ class DecodeBatch:
         self.k = torch.ones(max_batch, dtype=torch.long, device=dev)
         self.alpha = torch.zeros(max_batch, k_window, device=dev)
         self.guidance = torch.ones(max_batch, device=dev)
+        self.active = torch.arange(max_batch, device=dev)  # compared with n_active per step
         self.n_active = 0  # running sequences occupy slots 0..n_active-1
+        # host-side per-slot state; release() moves all of it with the sequence
+        self.live = [False] * max_batch
         self.guided = [False] * max_batch
         self.embryos: list[EmbryoStream | None] = [None] * max_batch
         self.history_noise: list[EmbryoStream | None] = [None] * max_batch  # None: no noise
         self.tail_noise: list[EmbryoStream | None] = [None] * max_batch
         self.tail_k = [0] * max_batch  # host copy of k (no device sync per step)
+        self.host_length = [0] * max_batch  # host copy of length
+        # host staging buffers for the per-step draws (one copy to the device each)
+        self._embryo_buf = torch.zeros(max_batch, d)
+        self._hist_buf = torch.zeros(max_batch, d)
+        self._front_noise_buf = torch.zeros(max_batch, d)
+        self._tail_noise_buf = torch.zeros(max_batch, k_window, d)
+        self._zero_row = torch.zeros(d)
 
     def _own_caches(self) -> None:
         """Another batch over the same model may have installed its caches: put ours back."""
@@ -228,49 +303,61 @@ class DecodeBatch:
         return list(range(self.n_active, self.max_batch))
 
     @torch.no_grad()
-    def admit(self, items: list[tuple[int, torch.Tensor, GenerationConfig]]) -> None:
-        """Start sequences: (slot, committed prompt vectors (T,d), settings); one batched prefill.
-        Slots must be the next free ones, in order."""
+    def admit(self, items: list[tuple[int, torch.Tensor, GenerationConfig, bool]]) -> None:
+        """Start sequences: (slot, committed prompt vectors (T,d), settings, watched: the request
+        reads its tail); one batched prefill. Slots must be the next free ones, in order."""
         if not items:
             return
-        if [slot for slot, _, _ in items] != list(range(self.n_active, self.n_active + len(items))):
+        if [item[0] for item in items] != list(range(self.n_active, self.n_active + len(items))):
             raise ValueError("admit() takes the next free slots, in order")
         self._own_caches()
         cfg, dev = self.model.config, self.tail.device
         R, d = cfg.table_radius, cfg.n_embd
         noisy = []
-        for slot, v, g in items:
+        for slot, v, g, watched in items:
             self.history_noise[slot] = EmbryoStream.for_purpose(g.seed, "history", d, g.history_noise * R) \
                 if g.history_noise > 0 else None
             self.tail_noise[slot] = EmbryoStream.for_purpose(g.seed, "tail", d, g.tail_noise * R) \
                 if g.tail_noise > 0 else None
             if self.history_noise[slot] is not None:  # the prompt is committed history too
                 v = v + self.history_noise[slot].take(len(v)).to(v.device, v.dtype)
-            noisy.append((slot, v, g))
+            noisy.append((slot, v, g, watched))
         items = noisy
-        T_pre = max(len(v) for _, v, _ in items) - 1
-        rows = torch.tensor([slot for slot, _, _ in items], device=dev)
+        T_pre = max(len(v) for _, v, _, _ in items) - 1
+        rows = slice(items[0][0], items[0][0] + len(items))
         if T_pre > 0:
             x = torch.zeros(len(items), T_pre, cfg.n_embd, dtype=self.tail.dtype, device=dev)
-            for i, (_, v, _) in enumerate(items):
+            for i, (_, v, _, _) in enumerate(items):
                 x[i, :len(v) - 1] = v[:-1]
-            prefill(self.model, x, torch.tensor([g.tail for _, _, g in items], device=dev), rows)
-        for slot, v, g in items:
-            stream = EmbryoStream.for_purpose(g.seed, "embryo", cfg.n_embd, g.embryo_scale * cfg.table_radius)
-            self.embryos[slot] = stream
+            prefill(self.model, x, torch.tensor([g.tail for _, _, g, _ in items], device=dev), rows)
+        for slot, v, g, watched in items:
+            profile = g.alpha_profile()
+            live = watched or profile[0] < 1.0
+            self.live[slot] = live
             self.last[slot] = v[-1]
             self.tail[slot].zero_()
-            self.tail[slot, :g.tail] = stream.take(g.tail).to(dev, self.tail.dtype)
+            self.alpha[slot].zero_()
+            self.embryos[slot] = None
+            if live:
+                stream = EmbryoStream.for_purpose(g.seed, "embryo", d, g.embryo_scale * R)
+                self.embryos[slot] = stream
+                self.tail[slot, :g.tail] = stream.take(g.tail).to(dev, self.tail.dtype)
+                self.alpha[slot, :g.tail] = torch.tensor(profile)
+            else:  # inert: only the front moves (α = 1); the rest stays zero and is never read
+                self.alpha[slot, 0] = 1.0
             self.length[slot] = len(v)
+            self.host_length[slot] = len(v)
             self.k[slot] = g.tail
             self.tail_k[slot] = g.tail
-            self.alpha[slot].zero_()
-            self.alpha[slot, :g.tail] = torch.tensor(g.alpha_profile())
             self.guidance[slot] = g.guidance
-            # with K = 1 the only slot's prediction comes from a committed position, which both
-            # streams share: guidance cannot change anything, so its stream is not computed
-            self.guided[slot] = g.guidance != 1.0 and g.tail > 1
+            # the front's prediction comes from a committed position, which both streams share:
+            # guidance changes only slots behind the front, so with K = 1 or an inert tail its
+            # stream is not computed
+            self.guided[slot] = live and g.guidance != 1.0 and g.tail > 1
         self.n_active += len(items)
+
+    _HOST_STATE = ("live", "guided", "embryos", "history_noise", "tail_noise", "tail_k", "host_length")
+    _DEVICE_STATE = ("last", "tail", "length", "k", "alpha", "guidance")
 
     def release(self, slot: int) -> int | None:
         """Free a slot. If it was not the last running one, the last one moves into it:
@@ -283,14 +370,14 @@ class DecodeBatch:
             n = int(self.length[last]) + self.k_window  # the slots its attention can reach
             for cache in self._caches:
                 cache.move_row(last, slot, n)
-            for t in (self.last, self.tail, self.length, self.k, self.alpha, self.guidance):
+            for name in self._DEVICE_STATE:
+                t = getattr(self, name)
                 t[slot] = t[last]
-            self.guided[slot], self.embryos[slot] = self.guided[last], self.embryos[last]
-            self.history_noise[slot], self.tail_noise[slot] = self.history_noise[last], self.tail_noise[last]
-            self.tail_k[slot] = self.tail_k[last]
+            for name in self._HOST_STATE:
+                getattr(self, name)[slot] = getattr(self, name)[last]
             moved = last
-        self.guided[last], self.embryos[last] = False, None
-        self.history_noise[last] = self.tail_noise[last] = None
+        self.live[last] = self.guided[last] = False
+        self.embryos[last] = self.history_noise[last] = self.tail_noise[last] = None
         return moved
 
     def _bucket(self) -> int:
@@ -300,43 +387,65 @@ class DecodeBatch:
             size *= 2
         return min(size, self.max_batch)
 
+    def _draw_noise(self, n: int, front_only: bool):
+        """This step's host draws, staged for one copy each: (embryo, history noise, tail noise).
+        Each stream draws exactly what the full Algorithm-1 step draws for its sequence (K tail
+        noise vectors a step even where only the front's is used), so the text never depends on
+        which kind of step ran."""
+        dev, dt = self.tail.device, self.tail.dtype
+        size = self._bucket()
+        zero = self._zero_row
+        embryo = hist = tnoise = None
+        if not front_only:
+            torch.stack([s.take(1)[0] if s is not None else zero for s in self.embryos[:n]],
+                        out=self._embryo_buf[:n])
+            embryo = self._embryo_buf[:size].to(dev, dt)
+        if any(s is not None for s in self.history_noise[:n]):
+            torch.stack([s.take(1)[0] if s is not None else zero for s in self.history_noise[:n]],
+                        out=self._hist_buf[:n])
+            hist = self._hist_buf[:size].to(dev, dt)
+        if any(s is not None for s in self.tail_noise[:n]):
+            fronts = [s.take_first(K) if s is not None and (front_only or not live) else zero
+                      for s, K, live in zip(self.tail_noise[:n], self.tail_k[:n], self.live[:n])]
+            if front_only:
+                buf = self._front_noise_buf
+                torch.stack(fronts, out=buf[:n])
+            else:  # live tails: K draws; inert ones: the front's, the rest stays zero
+                buf = self._tail_noise_buf
+                buf[:n].zero_()
+                for b, (s, K, live) in enumerate(zip(self.tail_noise[:n], self.tail_k[:n], self.live[:n])):
+                    if s is not None and live:
+                        buf[b, :K] = s.take(K)
+                    elif s is not None:
+                        buf[b, 0] = fronts[b]
+            tnoise = buf[:size].to(dev, dt)
+        return embryo, hist, tnoise
+
     @torch.no_grad()
     def step(self, probe: bool = False, entropy_tau: float | None = None) -> StepOutput:
         """Advance the running sequences (slots 0..n_active-1) by one step."""
         self._own_caches()
-        dev, d = self.tail.device, self.tail.shape[-1]
         n, size = self.n_active, self._bucket()
-        embryo = torch.zeros(size, d)
-        for b in range(n):
-            embryo[b] = self.embryos[b].take(1)[0]
-        embryo = embryo.to(dev, self.tail.dtype)
-        # noise streams draw only for the sequences that asked; the step only sees them when one did
-        hist = tnoise = None
-        if any(s is not None for s in self.history_noise[:n]):
-            hist = torch.zeros(size, d)
-            for b in range(n):
-                if self.history_noise[b] is not None:
-                    hist[b] = self.history_noise[b].take(1)[0]
-            hist = hist.to(dev, self.tail.dtype)
-        if any(s is not None for s in self.tail_noise[:n]):
-            Kw = self.tail.shape[1]
-            tnoise = torch.zeros(size, Kw, d)
-            for b in range(n):
-                if self.tail_noise[b] is not None:
-                    K = self.tail_k[b]
-                    tnoise[b, :K] = self.tail_noise[b].take(K)
-            # × √α_j: slots that move more get more noise (α is 0 on a sequence's unused slots)
-            tnoise = (tnoise.to(dev) * self.alpha[:size].sqrt().unsqueeze(-1)).to(self.tail.dtype)
-        active = torch.arange(size, device=dev) < n
+        front_only = not any(self.live[:n])
+        if probe and front_only:
+            raise ValueError("a tail probe needs a watched (live) sequence in the batch")
+        embryo, hist, tnoise = self._draw_noise(n, front_only)
+        active = self.active[:size] < n
         # the unconditional stream is only computed while some running sequence asks for guidance
         guided = any(self.guided[:n])
-        (last, tail, length, idx, delta, probe_ids, probe_ent) = self.step_fn(
-            self.model, self.last[:size], self.tail[:size], self.length[:size], self.k[:size],
-            self.alpha[:size], self.guidance[:size], active, embryo, n_slots=self.max_len,
+        span = None  # the window reaches position P + Kw − 2; the guided stream's scratch slots lie past max_len
+        if self.bounded_span and not guided:
+            span = min(max(self.host_length[:n]) + (0 if front_only else self.k_window - 1), self.max_len)
+        idx, delta, probe_ids, probe_ent = self.step_fn(
+            self.model, self.last[:size], None if front_only else self.tail[:size], self.length[:size],
+            self.k[:size], self.alpha[:size], self.guidance[:size], active, embryo, n_slots=self.max_len,
             guided=guided, impl=self.impl, probe=probe, entropy_tau=entropy_tau,
-            table_inv_norm=self.table_inv_norm, history_noise=hist, tail_noise=tnoise)
-        self.last[:size], self.tail[:size], self.length[:size] = last, tail, length
-        return StepOutput(idx.tolist()[:n], delta[:n], probe_ids.tolist()[:n] if probe_ids is not None else None,
+            table_inv_norm=self.table_inv_norm, history_noise=hist, tail_noise=tnoise,
+            committed_maturity=self.committed_maturity, span=span)
+        for b in range(n):
+            self.host_length[b] += 1
+        return StepOutput(idx.tolist()[:n], delta[:n] if delta is not None else None,
+                          probe_ids.tolist()[:n] if probe_ids is not None else None,
                           probe_ent[:n] if probe_ent is not None else None)
 
 
@@ -501,11 +610,12 @@ class Engine:
         self.max_queue, self.entropy_tau, self.track_text = max_queue, entropy_tau, track_text
         step_fn = decode_step
         if compile:
-            # one graph per (row bucket, guided, noises in use): 1, 2, 4, … max_batch rows
-            variants = 8 * (max_batch.bit_length() + 1)  # × guided × history noise × tail noise
+            # one graph per (row bucket, step kind, noises in use): 1, 2, 4, … max_batch rows
+            # × {front-only, tail, guided tail, probed (guided) tail} × history noise × tail noise
+            variants = 24 * (max_batch.bit_length() + 1)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
             step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=compile_mode)
-        self.batch = DecodeBatch(model, max_batch, self.max_len, k_window, step_fn, impl)
+        self.batch = DecodeBatch(model, max_batch, self.max_len, k_window, step_fn, impl, bounded_span=not compile)
         self.queue: deque[_Pending] = deque()
         self.running: dict[int, _Pending] = {}  # slot → request
         self._aborted: list[RequestEvent] = []
@@ -567,7 +677,7 @@ class Engine:
             p = self.queue.popleft()
             p.seq.slot = slot
             self.running[slot] = p
-            admitted.append((slot, p.vectors, p.seq.gen))
+            admitted.append((slot, p.vectors, p.seq.gen, p.return_tail or p.return_stats))
         self.batch.admit(admitted)
         if not self.running:
             return events
