@@ -472,7 +472,8 @@ def memory_child(spec: dict) -> dict:
                                       do_sample=False, pad_token_id=0, eos_token_id=None,
                                       attention_mask=torch.ones(B, plen, dtype=torch.long))
         else:
-            g = GenerationConfig(max_new_tokens=new, tail=spec["K"], guidance=spec["s"], seed=0, stop_at_eos=False)
+            g = GenerationConfig(max_new_tokens=new, tail=spec["K"], guidance=spec["s"], alpha_max=spec["alpha_max"],
+                                 seed=0, stop_at_eos=False)
             run = lambda: MaturationEngine(model).generate(prompts, g)  # noqa: E731
         if spec["engine"] == "hf":  # warm: lazy imports and first-call allocations are not the config's
             hf.generate(torch.tensor(prompts)[:1, :4], max_new_tokens=2, do_sample=False, pad_token_id=0,
@@ -494,9 +495,10 @@ def memory_child(spec: dict) -> dict:
 def section_memory(model, args, dev):
     cfg = model.config
     rows = []
-    configs = [(B, "hf", 0, 1.0) for B in args.batch] + \
-              [(B, "tmfast", K, s) for B in args.batch for K in args.tail for s in args.guidance]
-    for B, eng, K, s in configs:
+    configs = [(B, "hf", 0, 1.0, 1.0) for B in args.batch] + \
+              [(B, "tmfast", K, s, a) for B in args.batch for a in args.alpha_max for K in args.tail
+               for s in args.guidance if not (s != 1.0 and (K == 1 or a == 1.0))]
+    for B, eng, K, s, a in configs:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -511,14 +513,14 @@ def section_memory(model, args, dev):
                     del hf
                 else:
                     MaturationEngine(model).generate(prompts, GenerationConfig(
-                        max_new_tokens=args.new_tokens, tail=K, guidance=s, seed=0, stop_at_eos=False))
+                        max_new_tokens=args.new_tokens, tail=K, guidance=s, alpha_max=a, seed=0, stop_at_eos=False))
             peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
             kv = 0.0 if eng == "hf" else sum(t.numel() * t.element_size() for b in model.blocks
                                             for t in (b.attn.kv_cache.k, b.attn.kv_cache.v))
             r = {"peak_growth_mb": peak, "kv_cache_mb": kv / 2 ** 20}
         else:
             spec = {"checkpoint": str(args.checkpoint), "random": args.random, "batch": B, "engine": eng, "K": K,
-                    "s": s, "new": args.new_tokens, "plen": args.prompt_len, "threads": torch.get_num_threads()}
+                    "s": s, "alpha_max": a, "new": args.new_tokens, "plen": args.prompt_len, "threads": torch.get_num_threads()}
             out = subprocess.run([sys.executable, __file__, "--_memory-child", json.dumps(spec)],
                                  capture_output=True, text=True, cwd=str(ROOT))
             if out.returncode != 0:
@@ -526,19 +528,19 @@ def section_memory(model, args, dev):
             else:
                 r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append({"batch": B, "engine": "HF eager" if eng == "hf" else "tmfast eager", "K": K if eng != "hf" else "",
-                     "s": s if eng != "hf" else "", "kv_cache_mb": 0.0, **r})
+                     "s": s if eng != "hf" else "", "alpha_max": a if eng != "hf" else "", "kv_cache_mb": 0.0, **r})
     what = "torch.cuda.max_memory_allocated growth" if dev.type == "cuda" else \
         "peak RSS growth of a fresh process during generate (VmHWM reset after loading and a 2-token warm-up, " \
         "minus the RSS then; includes allocator slack)"
     lines = [f"Peak memory per configuration: {what}; KV cache = the static cache the engine allocated (fp32; " \
-             "prompt + new tokens + K − 1 position slots + K scratch slots for the unconditional stream).", "",
-             "| batch | engine | K | s | peak MB | KV cache MB |", "|---|---|---|---|---|---|"]
+             "prompt + new tokens + K − 1 position slots + K − 1 scratch slots for the unconditional stream).", "",
+             "| batch | engine | K | s | α_max | peak MB | KV cache MB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         s = "" if r["s"] == "" else f"{r['s']:g}"
         peak = f"{r['peak_growth_mb']:.1f}" if "peak_growth_mb" in r else r.get("error", "?")
-        lines.append(f"| {r['batch']} | {r['engine']} | {r['K']} | {s} | {peak} | "
+        lines.append(f"| {r['batch']} | {r['engine']} | {r['K']} | {s} | {r['alpha_max']:g} | {peak} | "
                      f"{r['kv_cache_mb']:.2f} |" if r["engine"] != "HF eager" else
-                     f"| {r['batch']} | {r['engine']} | | | {peak} | (dynamic) |")
+                     f"| {r['batch']} | {r['engine']} | | | | {peak} | (dynamic) |")
     return rows, "\n".join(lines)
 
 

@@ -55,15 +55,18 @@ def maturation_update(tail, pred_cond, alpha, *, pred_uncond=None, guidance=None
 def nn_commit(queries, table, *, entropy_tau=None, table_inv_norm=None, impl=None, check_finite=True):
     """Nearest table row by inner product for each query: (index, score, lse, entropy).
 
-    queries (N,d) fp32 or the table's dtype; table (V,d) fp32/bf16/fp16, V ≥ 1. index int64 (N,)
+    queries (N,d) fp32 or the table's dtype; table (V,d) fp32/bf16/fp16, V ≥ 1, unit stride in d
+    for the Triton kernels, any layout for the torch path (column-major — the transpose made
+    contiguous — is the fast one for a CPU matmul; the engine keeps such a copy). index int64 (N,)
     (ties → lowest index), score fp32 (N,); lse/entropy of softmax(cos(q,E)/entropy_tau) fp32 (N,)
     when entropy_tau is given, else None. table_inv_norm: optional (V,) fp32 from prepare_table().
     check_finite: raise ValueError when a row's scores contain NaN (costs one host sync); with
     False, such rows come back as index -1 / NaN and nothing syncs.
     """
-    _nn.validate(queries, table, entropy_tau, table_inv_norm)
+    _nn.validate(queries, table, entropy_tau, table_inv_norm, any_table_strides=True)
     tau = None if entropy_tau is None else float(entropy_tau)
     if resolve_impl(impl, queries.device, "nn_commit") == "triton":
+        check_tensor("nn_commit", "table", table, ndim=2, dtypes=FLOAT_DTYPES)  # the kernels need unit stride
         if tau is not None and table_inv_norm is None:
             table_inv_norm = table_inv_norm_torch(table)
         index, score, lse, entropy = nn_commit_triton(queries, table, table_inv_norm, tau)

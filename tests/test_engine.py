@@ -227,3 +227,25 @@ def test_compiled_steps_never_recompile_in_either_step_kind(model, alpha_max):
         again = eng.generate(PROMPTS, GenerationConfig(**{**g.to_dict(), "seed": 6}))
     assert [r.token_ids for r in again] == [r.token_ids for r in MaturationEngine(model).generate(
         PROMPTS, GenerationConfig(**{**g.to_dict(), "seed": 6}))]
+
+
+def test_a_batch_returns_to_front_only_steps_when_its_last_live_tail_leaves(model):
+    live = GenerationConfig(max_new_tokens=4, tail=8, alpha_max=0.6, seed=1)
+    inert = GenerationConfig(max_new_tokens=12, tail=8, seed=2)
+    widths = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
+    try:
+        results = MaturationEngine(model).generate(PROMPTS[:2], [live, inert])
+    finally:
+        hook.remove()
+    assert widths[1:] == [8] * 4 + [1] * 8  # [last committed | 7 tail slots] while one tail is live
+    assert [r.token_ids for r in results] == [naive_generate(model, p, g) for p, g in zip(PROMPTS[:2], [live, inert])]
+
+
+def test_front_only_steps_commit_the_same_with_the_triton_kernels(model):
+    from csrc_triton import INTERPRET
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("Triton can run neither compiled (no GPU) nor interpreted (TRITON_INTERPRET unset)")
+    g = GenerationConfig(max_new_tokens=8, tail=4, seed=3)  # α_max = 1, tail noise: front-only steps
+    out = {impl: MaturationEngine(model, impl=impl).generate(PROMPTS[:2], g) for impl in ("torch", "triton")}
+    assert [r.token_ids for r in out["triton"]] == [r.token_ids for r in out["torch"]]
