@@ -42,6 +42,8 @@ def main(argv=None):
     p.add_argument("--prefix", type=int, nargs="+", default=[512])
     p.add_argument("--tail", type=int, nargs="+", default=[16])
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0])
+    p.add_argument("--alpha-max", type=float, nargs="+", default=[1.0],
+                   help="1 = inert tails (front-only steps), < 1 = live tails (the tail window)")
     p.add_argument("--steps", type=int, default=8, help="engine steps timed")
     p.add_argument("--naive-steps", type=int, default=2, help="naive steps timed (slow)")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
@@ -57,32 +59,31 @@ def main(argv=None):
     print(f"# model: {args.n_layer} layers, d={args.n_embd}, V={args.vocab} "
           f"({model.num_params() / 1e6:.0f}M params), fp32")
     print("# machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    print("| prefix | K | s | naive ms/step | cached ms/step | speed-up |"
+    print("| prefix | K | s | α_max | naive ms/step | cached ms/step | speed-up |"
           + (" compiled ms/step | speed-up |" if args.compile else ""))
-    print("|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""))
     rows = []
     for prefix in args.prefix:
         prompt = torch.randint(0, args.vocab, (prefix,)).tolist()
-        for K in args.tail:
-            for s in args.guidance:
-                g = GenerationConfig(max_new_tokens=args.steps + 2, tail=K, guidance=s, seed=0,
-                                     stop_at_eos=False)
-                cached = statistics.median(engine_step_times(MaturationEngine(model), prompt, g, 1))
-                gn = GenerationConfig(max_new_tokens=args.naive_steps, tail=K, guidance=s, seed=0,
-                                      stop_at_eos=False)
-                t0 = time.perf_counter()
-                naive_generate(model, prompt, gn)
-                naive = (time.perf_counter() - t0) / args.naive_steps
-                row = {"prefix": prefix, "K": K, "s": s, "naive_ms": naive * 1e3, "cached_ms": cached * 1e3,
-                       "speedup": naive / cached}
-                line = f"| {prefix} | {K} | {s:g} | {naive * 1e3:.1f} | {cached * 1e3:.1f} | {naive / cached:.1f}× |"
-                if args.compile:
-                    eng = MaturationEngine(model, compile=True)
-                    comp = statistics.median(engine_step_times(eng, prompt, g, 2))
-                    row.update(compiled_ms=comp * 1e3, compiled_speedup=naive / comp)
-                    line += f" {comp * 1e3:.1f} | {naive / comp:.1f}× |"
-                print(line, flush=True)
-                rows.append(row)
+        for K, s, a in ((K, s, a) for K in args.tail for s in args.guidance for a in args.alpha_max):
+            g = GenerationConfig(max_new_tokens=args.steps + 2, tail=K, guidance=s, alpha_max=a, seed=0,
+                                 stop_at_eos=False)
+            cached = statistics.median(engine_step_times(MaturationEngine(model), prompt, g, 1))
+            gn = GenerationConfig(max_new_tokens=args.naive_steps, tail=K, guidance=s, alpha_max=a, seed=0,
+                                  stop_at_eos=False)
+            t0 = time.perf_counter()
+            naive_generate(model, prompt, gn)
+            naive = (time.perf_counter() - t0) / args.naive_steps
+            row = {"prefix": prefix, "K": K, "s": s, "alpha_max": a, "naive_ms": naive * 1e3, "cached_ms": cached * 1e3,
+                   "speedup": naive / cached}
+            line = f"| {prefix} | {K} | {s:g} | {a:g} | {naive * 1e3:.1f} | {cached * 1e3:.1f} | {naive / cached:.1f}× |"
+            if args.compile:
+                eng = MaturationEngine(model, compile=True)
+                comp = statistics.median(engine_step_times(eng, prompt, g, 2))
+                row.update(compiled_ms=comp * 1e3, compiled_speedup=naive / comp)
+                line += f" {comp * 1e3:.1f} | {naive / comp:.1f}× |"
+            print(line, flush=True)
+            rows.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "model": cfg.to_dict(), "rows": rows},
                                               indent=2) + "\n")

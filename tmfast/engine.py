@@ -272,8 +272,8 @@ class DecodeBatch:
         table = model.table.weight.detach()
         self.table_inv_norm = prepare_table(table)
         self.committed_maturity = model.maturity_at(1.0)
-        # the commit's matmul reads a column-major table faster on CPU (bench/layout.py: 2.4× at
-        # batch 1 for the default model, 1.4× for GPT-2-Medium's): a copy beside the row-major
+        # the commit's matmul reads a column-major table faster on CPU (bench/layout.py: 2.6× at
+        # batch 1 for the default model, 1.5× for GPT-2-Medium's): a copy beside the row-major
         # table that lookups use, for the torch path (the Triton kernels want rows contiguous)
         self.commit_table = table
         if table.device.type == "cpu" and resolve_impl(impl, table.device, "tmfast") == "torch":
