@@ -219,6 +219,7 @@ def test_trimmed_and_front_only_steps_commit_what_the_full_naive_reference_commi
 @pytest.mark.parametrize("alpha_max", [1.0, 0.6])
 def test_compiled_steps_never_recompile_in_either_step_kind(model, alpha_max):
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     g = GenerationConfig(max_new_tokens=10, tail=4, guidance=2.0, alpha_max=alpha_max, tail_noise=0.3, seed=5)
     eager = [r.token_ids for r in MaturationEngine(model).generate(PROMPTS, g)]
     eng = MaturationEngine(model, compile=True)
@@ -227,6 +228,7 @@ def test_compiled_steps_never_recompile_in_either_step_kind(model, alpha_max):
         again = eng.generate(PROMPTS, GenerationConfig(**{**g.to_dict(), "seed": 6}))
     assert [r.token_ids for r in again] == [r.token_ids for r in MaturationEngine(model).generate(
         PROMPTS, GenerationConfig(**{**g.to_dict(), "seed": 6}))]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one step kind, one graph
 
 
 def test_a_batch_returns_to_front_only_steps_when_its_last_live_tail_leaves(model):
