@@ -58,8 +58,9 @@ def resolve_impl(impl: str | None, device: torch.device, op: str) -> str:
     )
 
 
-def check_tensor(op, name, t, *, ndim, dtypes, device=None):
-    """Type/rank/dtype/device/last-dim-stride checks; one-line errors that name the argument."""
+def check_tensor(op, name, t, *, ndim, dtypes, device=None, unit_stride=True):
+    """Type/rank/dtype/device/last-dim-stride checks; one-line errors that name the argument.
+    unit_stride=False: any layout (a matmul reads it as it is)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
@@ -69,7 +70,7 @@ def check_tensor(op, name, t, *, ndim, dtypes, device=None):
         raise TypeError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
     if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {device}")
-    if ndim >= 1 and t.shape[-1] > 1 and t.stride(-1) != 1:
+    if unit_stride and ndim >= 1 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(
             f"{op}: {name} must have unit stride in its last dimension (got strides {tuple(t.stride())}); "
             "pass .contiguous()"

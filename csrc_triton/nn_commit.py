@@ -77,10 +77,7 @@ def nn_commit_torch(queries, table, entropy_tau=None, table_inv_norm=None):
 def validate(queries, table, entropy_tau, table_inv_norm, any_table_strides: bool = False):
     """any_table_strides: the torch path reads the table through a matmul, which takes any
     layout (a column-major table is the fast one on CPU); the Triton kernels need unit stride."""
-    if any_table_strides and isinstance(table, torch.Tensor) and table.dim() == 2:
-        check_tensor(OP, "table", table.t() if table.stride(-1) != 1 else table, ndim=2, dtypes=FLOAT_DTYPES)
-    else:
-        check_tensor(OP, "table", table, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(OP, "table", table, ndim=2, dtypes=FLOAT_DTYPES, unit_stride=not any_table_strides)
     check_tensor(OP, "queries", queries, ndim=2, dtypes=FLOAT_DTYPES, device=table.device)
     V, d = table.shape
     if V == 0:

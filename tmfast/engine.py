@@ -409,25 +409,27 @@ class DecodeBatch:
         if not front_only:
             torch.stack([s.take(1)[0] if s is not None else zero for s in self.embryos[:n]],
                         out=self._embryo_buf[:n])
+            self._embryo_buf[n:size].zero_()  # padding rows: inactive, but never stale
             embryo = self._embryo_buf[:size].to(dev, dt)
         if any(s is not None for s in self.history_noise[:n]):
             torch.stack([s.take(1)[0] if s is not None else zero for s in self.history_noise[:n]],
                         out=self._hist_buf[:n])
+            self._hist_buf[n:size].zero_()
             hist = self._hist_buf[:size].to(dev, dt)
-        if any(s is not None for s in self.tail_noise[:n]):
-            fronts = [s.take_first(K) if s is not None and (front_only or not live) else zero
-                      for s, K, live in zip(self.tail_noise[:n], self.tail_k[:n], self.live[:n])]
-            if front_only:
-                buf = self._front_noise_buf
-                torch.stack(fronts, out=buf[:n])
-            else:  # live tails: K draws; inert ones: the front's, the rest stays zero
-                buf = self._tail_noise_buf
-                buf[:n].zero_()
-                for b, (s, K, live) in enumerate(zip(self.tail_noise[:n], self.tail_k[:n], self.live[:n])):
-                    if s is not None and live:
-                        buf[b, :K] = s.take(K)
-                    elif s is not None:
-                        buf[b, 0] = fronts[b]
+        if any(s is not None for s in self.tail_noise[:n]) and front_only:  # the common case: one stack
+            buf = self._front_noise_buf
+            torch.stack([s.take_first(K) if s is not None else zero
+                         for s, K in zip(self.tail_noise[:n], self.tail_k[:n])], out=buf[:n])
+            buf[n:size].zero_()
+            tnoise = buf[:size].to(dev, dt)
+        elif any(s is not None for s in self.tail_noise[:n]):
+            buf = self._tail_noise_buf
+            buf[:size].zero_()
+            for b, (s, K, live) in enumerate(zip(self.tail_noise[:n], self.tail_k[:n], self.live[:n])):
+                if s is not None and live:
+                    buf[b, :K] = s.take(K)
+                elif s is not None:  # an inert tail in a tail step: the front's draw, the rest stays zero
+                    buf[b, 0] = s.take_first(K)
             tnoise = buf[:size].to(dev, dt)
         return embryo, hist, tnoise
 

@@ -80,7 +80,7 @@ class KVCache(nn.Module):
         return self.k.shape[2]
 
     def write(self, index: tuple, k: torch.Tensor, v: torch.Tensor):
-        """index = (row per input (n,W), slot per input (n,W), rows (n,) or None, span) from
+        """index = (row per input (n,W), slot per input (n,W), rows (n,) / a slice / None, span) from
         `cache_index`; k, v (n,W,H,hd). Returns the (n,H,span,hd) cache of those rows to attend over."""
         r, slots, rows, span = index
         self.k[r, :, slots] = k
