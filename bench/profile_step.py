@@ -19,8 +19,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tmfast import GenerationConfig, MaturationEngine, load_checkpoint
+from tmfast.checkpoint import DEFAULT_CHECKPOINT
 
-DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "tmfast" / "assets" / "maturation"
+DEFAULT_CKPT = DEFAULT_CHECKPOINT
 
 
 def main(argv=None) -> int:

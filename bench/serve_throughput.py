@@ -21,7 +21,7 @@ import httpx
 import uvicorn
 
 from tmfast.checkpoint import load_checkpoint
-from tmfast.cli import DEFAULT_CHECKPOINT
+from tmfast.checkpoint import DEFAULT_CHECKPOINT
 from tmfast.engine import Engine
 from tmfast.evaluate import machine_info
 from tmfast.server import create_app

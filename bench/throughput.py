@@ -49,11 +49,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from tmfast import GenerationConfig, MaturationEngine, ModelConfig, TMModel, load_checkpoint  # noqa: E402
+from tmfast.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from tmfast.engine import decode_step, step_window  # noqa: E402
 from tmfast.evaluate import machine_info  # noqa: E402
 from csrc_triton import maturation_update, nn_commit  # noqa: E402
 
-DEFAULT_CKPT = ROOT / "tmfast" / "assets" / "maturation"
+DEFAULT_CKPT = DEFAULT_CHECKPOINT
 SECTIONS = ("gen", "medium", "prefix", "breakdown", "train", "memory")
 
 

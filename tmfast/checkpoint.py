@@ -21,6 +21,11 @@ from .table import normalise_rows
 
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
 
+# the checkpoints shipped in the package (train/make_default.sh makes them)
+SHIPPED_DIR = Path(__file__).parent / "assets"
+SHIPPED = {"maturation": SHIPPED_DIR / "maturation", "ar": SHIPPED_DIR / "ar"}
+DEFAULT_CHECKPOINT = SHIPPED["maturation"]
+
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read."""

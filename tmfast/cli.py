@@ -7,14 +7,12 @@ import math
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
 from .config import ConfigError, GenerationConfig
 from .engine import GenerationError, MaturationEngine, StepEvent
 from .evaluate import add_arguments as add_eval_arguments
 from .evaluate import run as run_eval
 
-ASSETS = Path(__file__).parent / "assets"
-DEFAULT_CHECKPOINT = ASSETS / "maturation"
 
 
 class UsageError(ValueError):

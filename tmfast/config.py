@@ -69,6 +69,24 @@ class ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def alpha_profile(k: int, alpha_max: float, alpha_min: float | None = None) -> list[float]:
+    """The α of each tail slot, front (index 0) to back: linear from alpha_max down to alpha_min
+    (default alpha_max / K). The engine steps with it and training simulates it."""
+    lo = alpha_max / k if alpha_min is None else alpha_min
+    if k == 1:
+        return [alpha_max]
+    return [alpha_max + (lo - alpha_max) * i / (k - 1) for i in range(k)]
+
+
+def mix_seed(seed: int, *parts: int) -> int:
+    """One seed from a base seed and indices (sample i, draw j / step, stream …): the same
+    value whatever batch or process asks, so derived random streams never depend on batching."""
+    weights = (7919, 104_729)
+    if len(parts) > len(weights):
+        raise ValueError(f"mix_seed takes at most {len(weights)} indices")
+    return (seed * 1_000_003 + sum(w * p for w, p in zip(weights, parts))) % (2 ** 63)
+
+
 @dataclass
 class GenerationConfig:
     """Settings of one generation run (per sequence where the engine allows)."""
@@ -111,12 +129,12 @@ class GenerationConfig:
             raise ConfigError("stop strings must be non-empty", "stop")
 
     def alpha_profile(self) -> list[float]:
-        """Per-slot α, front (index 0) to back: linear from alpha_max down to alpha_min."""
-        k = self.tail
-        lo = self.alpha_max / k if self.alpha_min is None else self.alpha_min
-        if k == 1:
-            return [self.alpha_max]
-        return [self.alpha_max + (lo - self.alpha_max) * i / (k - 1) for i in range(k)]
+        """Per-slot α, front (index 0) to back: see `alpha_profile`."""
+        return alpha_profile(self.tail, self.alpha_max, self.alpha_min)
+
+    def overriding(self, **options) -> "GenerationConfig":
+        """A copy with the options that are not None set (an interface's optional fields)."""
+        return dataclasses.replace(self, **{k: v for k, v in options.items() if v is not None})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

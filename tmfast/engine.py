@@ -34,7 +34,7 @@ import torch
 
 from csrc_triton import maturation_update, nn_commit, prepare_table, resolve_impl
 
-from .config import GenerationConfig
+from .config import GenerationConfig, mix_seed
 from .model import TMModel
 
 
@@ -193,7 +193,7 @@ class EmbryoStream:
     @classmethod
     def for_purpose(cls, seed: int, purpose: str, dim: int, norm: float) -> "EmbryoStream":
         salt = {"embryo": 0, "history": 1, "tail": 2}[purpose]
-        return cls(seed if salt == 0 else (seed * 1_000_003 + salt * 7919) % (2 ** 63), dim, norm)
+        return cls(seed if salt == 0 else mix_seed(seed, salt), dim, norm)
 
     def __init__(self, seed: int, dim: int, norm: float, block: int = 64):
         self.gen = torch.Generator().manual_seed(seed)

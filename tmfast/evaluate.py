@@ -46,10 +46,10 @@ import torch.nn.functional as F
 
 from . import metrics
 from .ar import ar_decode
-from .config import ConfigError, GenerationConfig
+from .config import ConfigError, GenerationConfig, mix_seed
 from .model import TMModel
 
-ASSETS = Path(__file__).parent / "assets"
+from .checkpoint import SHIPPED
 DEFAULT_TAILS = (1, 4, 16, 64)
 DEFAULT_GUIDANCE = (1.0, 2.0)
 
@@ -234,7 +234,7 @@ class MethodResult:
 
 def sample_seed(seed: int, i: int, j: int = 0) -> int:
     """Seed of sample j of prompt i: the same for a prompt whatever the batch or the method."""
-    return (seed * 1_000_003 + i * 7919 + j * 104_729) % (2 ** 63)
+    return mix_seed(seed, i, j)
 
 
 def run_maturation(model, tokenizer, prompts: list[Prompt], settings: dict, args) -> list[list[int]]:
@@ -411,9 +411,9 @@ def machine_info() -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--maturation", default=str(ASSETS / "maturation"),
+    p.add_argument("--maturation", default=str(SHIPPED["maturation"]),
                    help="maturation checkpoint ('none' to skip; default: the shipped model)")
-    p.add_argument("--ar", default=str(ASSETS / "ar"), help="AR baseline checkpoint ('none' to skip)")
+    p.add_argument("--ar", default=str(SHIPPED["ar"]), help="AR baseline checkpoint ('none' to skip)")
     p.add_argument("--judge", default=None,
                    help="judge: a tmfast AR checkpoint or hf:NAME_OR_PATH (default: --ar)")
     p.add_argument("--prompts", default="val",

@@ -212,10 +212,10 @@ def plot_traces(data: dict, out_dir: str | Path, flicker_positions: int = 16) ->
 
 def main(argv=None) -> int:
     from .checkpoint import load_checkpoint
-    from .evaluate import ASSETS
+    from .checkpoint import SHIPPED
     p = argparse.ArgumentParser(prog="python -m tmfast.traces", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(ASSETS / "maturation"))
+    p.add_argument("--checkpoint", default=str(SHIPPED["maturation"]))
     p.add_argument("--prompt", nargs="+", default=["In the beginning God created", "And the LORD said unto Moses,"])
     p.add_argument("--tail", type=int, default=16)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])

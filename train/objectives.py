@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from csrc_triton import maturation_update
+from tmfast.config import alpha_profile, mix_seed
 from tmfast.model import TMModel, causal_mask, tail_only_mask
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2 ** 63))
+    return torch.Generator().manual_seed(mix_seed(seed, step, stream))
 
 
 def crop_batch(data: np.ndarray, n: int, T: int, gen: torch.Generator) -> torch.Tensor:
@@ -48,11 +49,8 @@ def crop_batch(data: np.ndarray, n: int, T: int, gen: torch.Generator) -> torch.
 
 
 def alpha_ramp(K: int, alpha_max: float, alpha_min: float | None) -> torch.Tensor:
-    """The engine's profile (GenerationConfig.alpha_profile): front α_max → back α_min (α_max/K)."""
-    lo = alpha_max / K if alpha_min is None else alpha_min
-    if K == 1:
-        return torch.tensor([alpha_max])
-    return torch.tensor([alpha_max + (lo - alpha_max) * i / (K - 1) for i in range(K)])
+    """The engine's profile (tmfast.config.alpha_profile) as a tensor."""
+    return torch.tensor(alpha_profile(K, alpha_max, alpha_min))
 
 
 def signal_share(alpha: torch.Tensor, kind: str) -> torch.Tensor:
