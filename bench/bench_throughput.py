@@ -8,17 +8,12 @@ generate() of 32 new tokens for a batch of random 32-token prompts; extra_info r
 committed tokens/s and the machine. Uses the shipped maturation model when present, else a
 random model of the same shape; the HF rows use a random GPT-2 of the same size.
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from throughput import DEFAULT_CKPT, hf_twin, load_model  # bench/throughput.py: pytest puts bench/ on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import DEFAULT_CKPT, hf_twin, load_model  # noqa: E402
-
-from tmfast import GenerationConfig, MaturationEngine  # noqa: E402
-from tmfast.evaluate import machine_info  # noqa: E402
+from evals.report import machine_info
+from tmfast import GenerationConfig, MaturationEngine
 
 NEW, PLEN = 32, 32
 

@@ -1,11 +1,12 @@
 """Grid of maturation settings (GenerationConfig fields) × checkpoints, scored like the quality table.
 
-    python bench/maturation_sweep.py --maturation tmfast/assets/maturation runs/x \
+    python bench/maturation_sweep.py --maturation DIR [DIR ...] \
         --grid alpha_max=1,0.5 guidance=1,2 history_noise=0,0.2 --num-prompts 100 --max-new-tokens 64 \
         --out bench/results/sweeps/NAME
 
-Same prompts (validation windows of the corpus), seeds and judge as `python -m tmfast.evaluate`, so a
-row here reproduces the same row there. Writes OUT.jsonl (one line per row, appended as rows finish:
+Same prompts (validation windows of the corpus), seeds, judge and scoring as `tmfast-eval`
+(evals.quality), so a row here reproduces the same row there; --ar defaults to the shipped AR
+model (tmfast.checkpoint.SHIPPED["ar"]). Writes OUT.jsonl (one line per row, appended as rows finish:
 an interrupted sweep keeps what it measured) and OUT.md. AR greedy and greedy + penalty rows come
 first unless --no-baselines; --ar-sampling adds AR temperature / nucleus rows.
 """
@@ -20,11 +21,13 @@ from pathlib import Path
 
 import torch
 
+from evals.judges import TmfastJudge, display_path
+from evals.prompts import validation_prompts
+from evals.quality import run_maturation, sample_seed, score_samples
+from evals.report import machine_info
 from tmfast.ar import ar_decode
-from tmfast.checkpoint import load_checkpoint
+from tmfast.checkpoint import SHIPPED, load_checkpoint
 from tmfast.config import GenerationConfig
-from tmfast.evaluate import (TmfastJudge, machine_info, prompts_from_documents, run_maturation, sample_seed,
-                             score_samples, validation_documents)
 
 FIELDS = {f: type(v) for f, v in GenerationConfig().to_dict().items() if isinstance(v, (int, float))}
 
@@ -44,7 +47,8 @@ def parse_grid(items: list[str]) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--maturation", nargs="+", required=True, help="maturation checkpoint dirs")
-    p.add_argument("--ar", default="tmfast/assets/ar", help="AR checkpoint: judge and greedy baselines")
+    p.add_argument("--ar", default=display_path(str(SHIPPED["ar"])),
+                   help="AR checkpoint: judge and greedy baselines (default: the shipped AR model)")
     p.add_argument("--grid", nargs="*", default=[], help="name=v1,v2 … over GenerationConfig numeric fields")
     p.add_argument("--tail", type=int, default=16)
     p.add_argument("--num-prompts", type=int, default=100)
@@ -56,17 +60,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--ar-sampling", nargs="*", default=[], metavar="T:P",
-                   help="also AR sampling rows at temperature T, nucleus P (seeded as tmfast.evaluate does)")
+                   help="also AR sampling rows at temperature T, nucleus P (seeded as evals.quality does)")
     p.add_argument("--out", required=True, help="writes OUT.jsonl and OUT.md")
-    p.set_defaults(stop_at_eos=False, impl=None)  # what tmfast.evaluate's run_maturation reads besides
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     grid = parse_grid(args.grid)
     ar_model, tok = load_checkpoint(args.ar)
     judge = TmfastJudge(ar_model, tok, args.ar)
-    docs = validation_documents(args.maturation[0])
-    prompts = prompts_from_documents(docs, tok, args.num_prompts, args.prompt_tokens, args.max_new_tokens,
-                                     args.seed)
+    prompts = validation_prompts(args.maturation[0], tok, args.num_prompts, args.prompt_tokens, args.max_new_tokens,
+                                 args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
@@ -101,7 +103,9 @@ def main(argv=None) -> int:
         model, mtok = load_checkpoint(ckpt)
         for setting in grid:
             t0 = time.perf_counter()
-            samples = run_maturation(model, mtok, prompts, {"tail": args.tail, **setting}, args)
+            samples = run_maturation(model, mtok, prompts, {"tail": args.tail, **setting},
+                                     max_new_tokens=args.max_new_tokens, seed=args.seed, stop_at_eos=False,
+                                     batch_size=args.batch_size)
             name = f"{Path(ckpt).name} K={args.tail} " + " ".join(f"{k}={v:g}" for k, v in setting.items())
             emit({"name": name, "checkpoint": ckpt, "settings": {"tail": args.tail, **setting},
                   "metrics": score_samples(samples, prompts, judge, tok), "seconds": time.perf_counter() - t0,

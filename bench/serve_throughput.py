@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from evals.report import machine_info
 from tmfast.checkpoint import load_checkpoint
 from tmfast.checkpoint import DEFAULT_CHECKPOINT
 from tmfast.engine import Engine
-from tmfast.evaluate import machine_info
 from tmfast.server import create_app
 
 PROMPTS = ["And it came to pass", "In the beginning", "The LORD is my shepherd", "And Jesus answered",

@@ -4,7 +4,7 @@
     python bench/step_time.py --prefix 128 512 1024 --tail 1 16 --guidance 1 2 --compile
 
 The naive reference is the one the tests check the engine against
-(tests/naive_reference.py): it recomputes the whole sequence every step. Both run
+(tmfast/testing.py): it recomputes the whole sequence every step. Both run
 in this process on the same random model; the ratio is what to read, not the
 absolute times (machines are noisy).
 """
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from naive_reference import naive_generate  # noqa: E402
+from tmfast.testing import naive_generate  # noqa: E402
 
+from evals.report import machine_info  # noqa: E402
 from tmfast import GenerationConfig, MaturationEngine, ModelConfig, TMModel  # noqa: E402
-from tmfast.evaluate import machine_info  # noqa: E402
 
 
 def engine_step_times(engine, prompt, g, warmup: int) -> list[float]:

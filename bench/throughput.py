@@ -13,7 +13,7 @@ Sections (each prints a Markdown table; --out writes them all to OUT.md and OUT.
              includes prefill and first steps.
   medium     the same comparison at the GPT-2-Medium shape (24 layers, d=1024, V=50257,
              random weights), batch {1, 8}, short runs
-  prefix     cached step vs the naive full recompute (tests/naive_reference.py) at
+  prefix     cached step vs the naive full recompute (tmfast.testing.naive_generate) at
              prefix 128/512/1024 (a random model of the same widths with 1.2k positions)
   breakdown  one step split into model forward / maturation update / commit / rest, with
              model FLOPs and bytes touched per step, the FLOP floor (FLOPs ÷ measured
@@ -44,14 +44,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
 
+from evals.report import machine_info  # noqa: E402
 from tmfast import GenerationConfig, MaturationEngine, ModelConfig, TMModel, load_checkpoint  # noqa: E402
 from tmfast.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
-from tmfast.engine import decode_step, step_window  # noqa: E402
-from tmfast.evaluate import machine_info  # noqa: E402
+from tmfast.config import alpha_profile  # noqa: E402
+from tmfast.engine import SlotTensors, StepDraws, decode_step, step_window  # noqa: E402
 from csrc_triton import maturation_update, nn_commit  # noqa: E402
 
 DEFAULT_CKPT = DEFAULT_CHECKPOINT
@@ -254,8 +252,8 @@ def gen_table(rows, what: str, reps: int) -> str:
 # prefix: cached step vs naive recompute
 # --------------------------------------------------------------------------------------
 def section_prefix(model, args, dev):
-    from naive_reference import naive_generate
-    import step_time  # bench/step_time.py: the engine's step timer
+    from tmfast.testing import naive_generate
+    import step_time  # bench/step_time.py (a sibling of this script): the engine's step timer
     cfg = model.config
     torch.manual_seed(0)
     big = TMModel(ModelConfig(vocab_size=cfg.vocab_size, n_positions=max(args.prefix) + 64, n_layer=cfg.n_layer,
@@ -331,26 +329,30 @@ def section_breakdown(model, args, dev, peaks):
                     if s != 1.0 and not guided:
                         continue  # the same step as s = 1
                     n_slots = P + args.new_tokens + K - 1
-                    model.setup_caches(B, n_slots + (K - 1 if guided else 0))
-                    S = model.blocks[0].attn.kv_cache.slots
+                    cache = model.new_cache(B, n_slots + (K - 1 if guided else 0))
+                    S = cache.slots
                     d = cfg.n_embd
                     gen = torch.Generator().manual_seed(0)
-                    last = torch.randn(B, d, generator=gen).to(dev)
-                    tail = (torch.randn(B, K, d, generator=gen) * 0.1).to(dev)
-                    length = torch.full((B,), P, device=dev)
-                    k = torch.full((B,), K, device=dev)
-                    alpha = torch.tensor(GenerationConfig(tail=K, alpha_max=a_max).alpha_profile())
-                    alpha = alpha.expand(B, K).contiguous().to(dev)
-                    guidance = torch.full((B,), s, device=dev)
+                    state = SlotTensors(
+                        last=torch.randn(B, d, generator=gen).to(dev),
+                        tail=(torch.randn(B, K, d, generator=gen) * 0.1).to(dev),
+                        length=torch.full((B,), P, device=dev), k=torch.full((B,), K, device=dev),
+                        alpha=torch.tensor(alpha_profile(K, a_max)).expand(B, K).contiguous().to(dev),
+                        guidance=torch.full((B,), s, device=dev))
+                    tail, alpha, guidance, k = state.tail, state.alpha, state.guidance, state.k
                     active = torch.ones(B, dtype=torch.bool, device=dev)
-                    embryo = torch.zeros(B, d, device=dev)
-                    win_tail = None if front_only else tail
+                    draws = StepDraws(embryo=torch.zeros(B, d, device=dev))
                     m1 = model.maturity_at(1.0)
-                    x, pos, a_in, mask, slot = step_window(model, last, win_tail, length, alpha, n_slots, guided)
+                    x, pos, a_in, mask, slot = step_window(model, state, front_only, guided, n_slots,
+                                                           cache_slots=S)
 
                     def forward():
-                        return model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache_slots=slot,
+                        return model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache=cache, cache_slots=slot,
                                      maturity=m1 if front_only else None)
+
+                    def fresh():  # decode_step writes the state in place: each timed call starts from it
+                        return SlotTensors(**{f: getattr(state, f).clone() for f in ("last", "tail", "length", "k",
+                                                                                      "alpha", "guidance")})
 
                     with torch.no_grad():
                         out = forward()
@@ -368,9 +370,8 @@ def section_breakdown(model, args, dev, peaks):
                         t_com = timeit(lambda: nn_commit(front, model.table.weight, impl=args.impl), dev,
                                        args.reps * 20)
                         t_all = timeit(lambda: decode_step(
-                            model, last.clone(), None if front_only else tail.clone(), length.clone(), k, alpha,
-                            guidance, active, embryo, n_slots=n_slots, guided=guided, impl=args.impl,
-                            committed_maturity=m1), dev, args.reps * 5)
+                            model, cache, fresh(), active, draws, front_only=front_only, guided=guided,
+                            n_slots=n_slots, impl=args.impl, committed_maturity=m1), dev, args.reps * 5)
                     c = step_costs(cfg, model.num_params(), B, K, guided, S, front_only)
                     f_floor = c["flops"] / (peaks["matmul_gflops"] * 1e9)
                     b_l3 = c["bytes"] / (peaks["copy_l3_gbs"] * 1e9)
@@ -475,7 +476,8 @@ def memory_child(spec: dict) -> dict:
         else:
             g = GenerationConfig(max_new_tokens=new, tail=spec["K"], guidance=spec["s"], alpha_max=spec["alpha_max"],
                                  seed=0, stop_at_eos=False)
-            run = lambda: MaturationEngine(model).generate(prompts, g)  # noqa: E731
+            engine = MaturationEngine(model)
+            run = lambda: engine.generate(prompts, g)  # noqa: E731
         if spec["engine"] == "hf":  # warm: lazy imports and first-call allocations are not the config's
             hf.generate(torch.tensor(prompts)[:1, :4], max_new_tokens=2, do_sample=False, pad_token_id=0,
                         eos_token_id=None, attention_mask=torch.ones(1, 4, dtype=torch.long))
@@ -488,7 +490,7 @@ def memory_child(spec: dict) -> dict:
     peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kv = 0.0
     if spec["engine"] != "hf":  # the static cache the engine allocated for this batch
-        kv = sum(t.numel() * t.element_size() for b in model.blocks for t in (b.attn.kv_cache.k, b.attn.kv_cache.v))
+        kv = engine.kv_cache_bytes
     return {"peak_growth_mb": (peak - base) / 1024, "base_rss_mb": base / 1024, "exact_peak": exact,
             "kv_cache_mb": kv / 2 ** 20}
 
@@ -513,11 +515,11 @@ def section_memory(model, args, dev):
                                 min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
                     del hf
                 else:
-                    MaturationEngine(model).generate(prompts, GenerationConfig(
+                    engine = MaturationEngine(model)
+                    engine.generate(prompts, GenerationConfig(
                         max_new_tokens=args.new_tokens, tail=K, guidance=s, alpha_max=a, seed=0, stop_at_eos=False))
             peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-            kv = 0.0 if eng == "hf" else sum(t.numel() * t.element_size() for b in model.blocks
-                                            for t in (b.attn.kv_cache.k, b.attn.kv_cache.v))
+            kv = 0.0 if eng == "hf" else engine.kv_cache_bytes
             r = {"peak_growth_mb": peak, "kv_cache_mb": kv / 2 ** 20}
         else:
             spec = {"checkpoint": str(args.checkpoint), "random": args.random, "batch": B, "engine": eng, "K": K,

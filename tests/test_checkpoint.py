@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from tiny import byte_tokenizer, tiny_model
+from tmfast.testing import byte_tokenizer, tiny_model
 from tmfast import CheckpointError, GenerationConfig, MaturationEngine, load_checkpoint, save_checkpoint
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tiny import byte_tokenizer, tiny_model
+from tmfast.testing import byte_tokenizer, tiny_model
 from tmfast.checkpoint import save_checkpoint
 from tmfast.cli import main
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from naive_reference import naive_generate
-from tiny import byte_tokenizer, tiny_model
+from tmfast.testing import naive_generate
+from tmfast.testing import byte_tokenizer, tiny_model
 from tmfast import GenerationConfig, GenerationError, MaturationEngine
 from tmfast.config import ConfigError
 
@@ -173,9 +173,9 @@ def test_a_non_finite_state_ends_only_its_own_sequence(model, alpha_max):
     b = engine.add_request([4, 5], GenerationConfig(max_new_tokens=6, tail=4, seed=2, alpha_max=alpha_max))
     engine.step()
     if alpha_max < 1:
-        engine.batch.tail[0, 0] = float("nan")  # a's front slot: what it commits next
+        engine._batch.state.tail[0, 0] = float("nan")  # a's front slot: what it commits next
     else:
-        engine.batch.last[0] = float("nan")
+        engine._batch.state.last[0] = float("nan")
     events = [e for e in engine.run()]
     ea = [e for e in events if e.request_id == a]
     assert ea[-1].finish_reason == "error" and "not finite" in ea[-1].error

@@ -1,14 +1,18 @@
-"""The evaluation harness: AR decoding against tmfast.ar, judge scores, a tiny end-to-end run."""
+"""The evaluation layer (evals): AR decoding against tmfast.ar, judge scores, a tiny end-to-end run."""
 import json
 
 import pytest
 import torch
 
-from tiny import byte_tokenizer, tiny_model
+from evals import EvalError
+from evals.cli import main
+from evals.judges import TmfastJudge
+from evals.prompts import prompts_from_documents
+from evals.table import markdown_table
+from evals.traces import record_traces
+from tmfast.testing import byte_tokenizer, tiny_model
 from tmfast import GenerationConfig, save_checkpoint
 from tmfast.ar import _nucleus_pick, ar_decode, ar_generate, ar_nll
-from tmfast.evaluate import EvalError, TmfastJudge, main, markdown_table, prompts_from_documents
-from tmfast.traces import record_traces
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +146,63 @@ def test_bad_maturation_row_is_one_line_error(tmp_path, capsys, row):
 
 
 def test_markdown_table_marks_skipped():
-    from tmfast.evaluate import MethodResult
+    from evals.quality import MethodResult
     t = markdown_table([MethodResult("a", "ar", {}, metrics={"dist1": 0.5}), MethodResult("b", "maturation", {},
                                                                                           skipped="why")])
     assert "| a | 0.500 |" in t and "| b | — |" in t and "skipped (why)" in t
+
+
+def test_reference_row_has_every_column(tok):
+    from evals import metrics
+    from evals.prompts import Prompt
+    from evals.quality import QualitySettings, evaluate
+    from evals.table import COLUMNS
+    refs = ["and the earth was without form", "and void and darkness was upon"]
+    prompts = [Prompt(tok.encode(t).ids, t, tok.encode(" " + r).ids) for t, r in zip(PROMPTS, refs)]
+    rows = evaluate(None, tok, None, None, None, prompts, QualitySettings(max_new_tokens=8), log=lambda s: None)
+    assert [r.name for r in rows] == ["reference (validation text)"]
+    m = rows[0].metrics
+    assert {k for k, _, _ in COLUMNS} - {"judge_ppl"} <= {k for k, v in m.items() if v is not None}  # CS too
+    assert m["rep2_cs"] == metrics.contrastive_search_measures([r.split() for r in refs])["rep2_cs"] == 0.0
+    assert m["diversity_cs"] == 1.0 and "judge_ppl" not in m  # no judge
+
+
+def test_run_maturation_takes_explicit_settings_and_ignores_batching(tok):
+    from evals.prompts import Prompt
+    from evals.quality import run_maturation, sample_seed
+    from tmfast.config import mix_seed
+    assert sample_seed(5, 3, 2) == mix_seed(5, 3, 2) and sample_seed(5, 3) == mix_seed(5, 3, 0)
+    m = tiny_model(vocab_size=257, eos_token_id=0)
+    prompts = [Prompt(tok.encode(p).ids, p) for p in PROMPTS]
+    row = {"tail": 4, "tail_noise": 0.3}
+    a = run_maturation(m, tok, prompts, row, max_new_tokens=6, seed=1, batch_size=3)
+    assert a == run_maturation(m, tok, prompts, row, max_new_tokens=6, seed=1, batch_size=2)
+    assert all(len(s) == 6 for s in a)
+
+
+def test_bad_option_is_one_line_error(capsys):
+    assert main(["--num-prompts", "many"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tmfast-eval: error:")
+
+
+def test_validation_split_is_the_one_training_shards(tmp_path, tok):
+    """evals re-makes the validation documents with train.data's split: exactly what val.bin holds."""
+    import numpy as np
+
+    from evals.prompts import checkpoint_validation_documents
+    from train.config import config_from
+    from train.data import TokenShards, prepare, validation_documents
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"document {i}: in the beginning {'x' * (i % 7)}\n" for i in range(40)))
+    cfg = config_from(None, {"dataset": str(corpus), "data_dir": str(tmp_path / "data"), "val_fraction": 0.25,
+                             "num_proc": 1, "seed": 7})
+    shards = TokenShards(prepare(cfg, tok, "bytes"))
+    docs = validation_documents(cfg)
+    assert len(docs) == 10
+    assert np.asarray(shards.val).tolist() == [t for d in docs for t in tok.encode(d).ids + [0]]
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "train_config.json").write_text(json.dumps(cfg.to_dict()))
+    assert checkpoint_validation_documents(tmp_path / "ckpt") == docs
+    with pytest.raises(EvalError):
+        checkpoint_validation_documents(tmp_path)

@@ -9,10 +9,7 @@ import torch
 import csrc_triton as ct
 
 common = importlib.import_module("csrc_triton._common")
-CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if CUDA else "cpu")
-TRITON_OK = ct.HAS_TRITON and (CUDA or ct.INTERPRET)
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+from conftest import DEV, needs_triton  # noqa: E402  the kernel-test preamble
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
 

@@ -14,9 +14,7 @@ import torch
 
 import csrc_triton as ct
 
-CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if CUDA else "cpu")
-TRITON_OK = ct.HAS_TRITON and (CUDA or ct.INTERPRET)
+from conftest import CUDA, DEV, TRITON_OK  # noqa: E402  the kernel-test preamble
 
 
 def toy_generate(impl, *, steps=8, B=2, K=4, d=64, V=300, radius=2.0, seed=0):

@@ -18,11 +18,7 @@ from csrc_triton.testing import TOL
 
 mumod = importlib.import_module("csrc_triton.maturation_update")
 
-CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if CUDA else "cpu")
-TRITON_OK = ct.HAS_TRITON and (CUDA or ct.INTERPRET)
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
-IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
+from conftest import CUDA, DEV, IMPLS, needs_triton  # noqa: E402  the kernel-test preamble
 NORM_TOL = dict(atol=1e-5, rtol=1e-5)
 
 

@@ -21,11 +21,7 @@ from csrc_triton.testing import certify_commit, entropy_truth, score_tol
 
 nnmod = importlib.import_module("csrc_triton.nn_commit")
 
-CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if CUDA else "cpu")
-TRITON_OK = ct.HAS_TRITON and (CUDA or ct.INTERPRET)
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
-IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
+from conftest import CUDA, DEV, IMPLS, TRITON_OK, needs_triton  # noqa: E402  the kernel-test preamble
 slow = pytest.mark.slow
 
 # interpreter tiles (numpy does big tiles cheaply; loop trips are what cost)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tiny import tiny_model
+from tmfast.testing import tiny_model
 from tmfast import ModelConfig, TMModel, from_hf_gpt2
 from tmfast.config import ConfigError
 from tmfast.model import tail_only_mask

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import uvicorn
 
-from tiny import byte_tokenizer, tiny_model
+from tmfast.testing import byte_tokenizer, tiny_model
 from tmfast import GenerationConfig, MaturationEngine
 from tmfast.engine import Engine
 from tmfast.server import create_app

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from naive_reference import naive_generate
-from tiny import byte_tokenizer, tiny_model
+from tmfast.testing import naive_generate
+from tmfast.testing import byte_tokenizer, tiny_model
 from tmfast import GenerationConfig
 from tmfast.engine import Engine, GenerationError, MaturationEngine, QueueFullError
 
@@ -32,7 +32,7 @@ def test_staggered_arrivals_give_the_same_output_as_alone(model):
     for _ in range(3):
         collect(engine.step(), got)
     ids += [engine.add_request(p, g) for p, g in zip(PROMPTS[2:], GENS[2:])]  # the last two must queue
-    assert len(engine.queue) == 3 and engine.num_running == 2
+    assert engine.num_queued == 3 and engine.num_running == 2
     collect(engine.run(), got)
     assert not engine.has_work
     for rid, prompt, g in zip(ids, PROMPTS, GENS):
@@ -51,7 +51,7 @@ def test_abort_mid_flight_and_in_queue(model):
         collect(engine.step(), got)
     assert engine.abort(a) and engine.abort(c) and not engine.abort("nope")
     # b moved into a's slot: running sequences stay a prefix of the batch
-    assert engine.batch.n_active == 1 and engine.running[0].seq.id == b
+    assert engine._batch.n_active == 1 and engine._running[0].seq.id == b
     collect(engine.run(), got)
     assert got[a][-1].finish_reason == "abort" and len([e for e in got[a] if e.token_ids]) == 3
     assert [e.finish_reason for e in got[c]] == ["abort"]
@@ -115,7 +115,7 @@ def test_vector_prompts_and_vector_outputs(model):
 def test_one_failing_request_does_not_end_the_others(model):
     engine = Engine(model, max_batch=3, max_len=64, k_window=8)
     ids = [engine.add_request(p, g) for p, g in zip(PROMPTS[:3], GENS[:3])]
-    victim = engine.queue[1].seq
+    victim = engine._queue[1].seq  # fault injection
 
     def broken(tok):
         raise RuntimeError("decoder exploded")

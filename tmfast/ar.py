@@ -122,7 +122,7 @@ def ar_decode(model: TMModel, prompts: list[list[int]], max_new_tokens: int, *, 
     """AR continuations of token-id prompts with the tied-table head, batched over a static
     KV cache. Greedy when top_p is None (optionally with the CTRL repetition penalty, as in
     tmfast.ar), else nucleus sampling whose randomness comes from one generator per sample
-    (seeds[i]), so a sample does not depend on its batch. The model's caches are restored."""
+    (seeds[i]), so a sample does not depend on its batch. Each batch uses a KV cache of its own."""
     if repetition_penalty <= 0:
         raise ConfigError("repetition_penalty must be > 0")
     if top_p is not None and not (0 < top_p <= 1):
@@ -130,16 +130,11 @@ def ar_decode(model: TMModel, prompts: list[list[int]], max_new_tokens: int, *, 
     if top_p is not None and seeds is None:
         raise ConfigError("nucleus sampling needs one seed per prompt")
     out: list[list[int]] = []
-    saved = [b.attn.kv_cache for b in model.blocks]
-    try:
-        for lo in range(0, len(prompts), batch_size):
-            chunk = prompts[lo:lo + batch_size]
-            sd = seeds[lo:lo + batch_size] if seeds is not None else None
-            out.extend(_ar_decode_batch(model, chunk, max_new_tokens, repetition_penalty, top_p, temperature,
-                                        sd, stop_at_eos))
-    finally:
-        for b, c in zip(model.blocks, saved):
-            b.attn.kv_cache = c
+    for lo in range(0, len(prompts), batch_size):
+        chunk = prompts[lo:lo + batch_size]
+        sd = seeds[lo:lo + batch_size] if seeds is not None else None
+        out.extend(_ar_decode_batch(model, chunk, max_new_tokens, repetition_penalty, top_p, temperature,
+                                    sd, stop_at_eos))
     return out
 
 
@@ -152,15 +147,13 @@ def _ar_decode_batch(model, prompts, max_new, penalty, top_p, temperature, seeds
     if n_slots > cfg.n_positions:
         raise ConfigError(f"prompt ({int(L.max())} tokens) + {max_new} new tokens exceed the AR model's "
                         f"context of {cfg.n_positions}")
-    model.setup_caches(B, n_slots)
+    cache = model.new_cache(B, n_slots)
     T_pre = int(L.max()) - 1
     if T_pre > 0:
         padded = torch.zeros(B, T_pre, dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):
             padded[b, :len(p) - 1] = torch.tensor(p[:-1])
-        t = torch.arange(T_pre, device=dev)
-        mask = torch.arange(n_slots, device=dev).view(1, 1, 1, -1) <= t.view(1, 1, T_pre, 1)
-        model.hidden(model.table(padded), pos=t.expand(B, T_pre), mask=mask, cache_slots=t.expand(B, T_pre))
+        model.prefill(model.table(padded), cache)
     last = torch.tensor([p[-1] for p in prompts], device=dev)
     pos = L - 1
     seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=dev)
@@ -172,7 +165,7 @@ def _ar_decode_batch(model, prompts, max_new, penalty, top_p, temperature, seeds
     toks = []
     for _ in range(max_new):
         mask = s_idx <= pos.view(B, 1, 1, 1)
-        h = model.hidden(model.table(last).unsqueeze(1), pos=pos.view(B, 1), mask=mask,
+        h = model.hidden(model.table(last).unsqueeze(1), pos=pos.view(B, 1), mask=mask, cache=cache,
                          cache_slots=pos.view(B, 1))
         logits = model.table.logits(h[:, 0]).float()
         if penalty != 1.0:

@@ -105,7 +105,11 @@ def from_hf_gpt2(name_or_path: str, radius: float | None = None, k_max: int = 64
     row norm of wte, so the backbone sees inputs of the size it was trained on).
     Conditioning starts at identity, so hidden states equal GPT-2's for the same inputs.
     """
-    from transformers import GPT2LMHeadModel
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise CheckpointError("importing Hugging Face GPT-2 weights needs transformers: "
+                              "pip install 'tmfast[hf]'") from None
     hf = GPT2LMHeadModel.from_pretrained(name_or_path)
     hc = hf.config
     wte = hf.transformer.wte.weight.detach().float()

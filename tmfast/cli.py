@@ -10,8 +10,6 @@ from pathlib import Path
 from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
 from .config import ConfigError, GenerationConfig
 from .engine import GenerationError, MaturationEngine, StepEvent
-from .evaluate import add_arguments as add_eval_arguments
-from .evaluate import run as run_eval
 
 
 
@@ -64,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--impl", choices=("auto", "triton", "torch"), default=None)
     sv.add_argument("--device", default="cpu")
 
-    add_eval_arguments(sub.add_parser("eval", help="quality table (Dist-n, Rep-n, Loop %%, judge PPL) and traces"))
     return p
 
 
@@ -113,12 +110,11 @@ def _live_view(engine: MaturationEngine, prompts: list[str], out):
 def cmd_generate(args, out=None) -> int:
     out = out or sys.stdout
     prompts = _prompts(args)
-    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, tail=args.tail, guidance=args.guidance,
-                      seed=args.seed, stop=tuple(args.stop))
-    for name in ("alpha_max", "embryo_scale", "history_noise", "tail_noise"):
-        if getattr(args, name) is not None:
-            gen_kwargs[name] = getattr(args, name)
-    gen = GenerationConfig(**gen_kwargs)  # validates before the (slower) model load
+    # validates before the (slower) model load
+    gen = GenerationConfig().overriding(
+        max_new_tokens=args.max_new_tokens, tail=args.tail, guidance=args.guidance, seed=args.seed,
+        stop=tuple(args.stop), alpha_max=args.alpha_max, embryo_scale=args.embryo_scale,
+        history_noise=args.history_noise, tail_noise=args.tail_noise)
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise CheckpointError("the checkpoint has no tokenizer.json; text prompts need one")
@@ -156,8 +152,6 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
-        if args.command == "eval":
-            return run_eval(args)
     except (UsageError, ConfigError, GenerationError, CheckpointError) as e:
         print(f"tmfast: error: {e}", file=sys.stderr)
         return 2

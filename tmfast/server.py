@@ -86,7 +86,7 @@ class EngineLoop:
         with self._client_turn():
             rid = self.engine.add_request(prompt, gen, request_id=f"cmpl-{uuid.uuid4().hex[:24]}",
                                           return_tail=return_tail)
-            n_prompt = self.engine.queue[-1].seq.n_prompt
+            n_prompt = self.engine.request(rid).prompt_tokens
             self.routes[rid] = (asyncio.get_running_loop(), queue)
         self.wake.set()
         return rid, queue, n_prompt
@@ -163,18 +163,16 @@ def create_app(engine: Engine, model_name: str = "tmfast") -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "running": engine.num_running,
-                "queued": len(engine.queue), "max_batch": engine.batch.max_batch}
+                "queued": engine.num_queued, "max_batch": engine.max_batch}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        kwargs = dict(max_new_tokens=body.max_tokens, tail=body.tail, guidance=body.guidance,
-                      seed=body.seed, stop=stop)
-        for name in ("alpha_max", "embryo_scale", "history_noise", "tail_noise"):
-            if getattr(body, name) is not None:
-                kwargs[name] = getattr(body, name)
         try:
-            gen = GenerationConfig(**kwargs)
+            gen = GenerationConfig().overriding(
+                max_new_tokens=body.max_tokens, tail=body.tail, guidance=body.guidance, seed=body.seed, stop=stop,
+                alpha_max=body.alpha_max, embryo_scale=body.embryo_scale, history_noise=body.history_noise,
+                tail_noise=body.tail_noise)
             rid, queue, n_prompt = loop.submit(body.prompt, gen, body.return_tail)
         except QueueFullError as e:
             return _error(429, str(e), None, "queue_full")

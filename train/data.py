@@ -120,6 +120,23 @@ def load_documents(cfg):
     return ds
 
 
+def split_documents(ds, cfg):
+    """The train/validation split of the corpus documents: {"train", "test"} (a DatasetDict).
+
+    The one place the split is made (seeded by cfg.seed, cfg.val_fraction of the documents held
+    out): `prepare` shards it, and evaluation re-makes the validation half from a checkpoint's
+    train_config.json with `validation_documents`."""
+    split = ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed, shuffle=True)
+    if len(split["test"]) == 0 or len(split["train"]) == 0:
+        raise DataError(f"val_fraction={cfg.val_fraction} leaves an empty split of {len(ds)} documents")
+    return split
+
+
+def validation_documents(cfg) -> list[str]:
+    """The texts of the validation documents, exactly the ones `prepare` writes to val.bin."""
+    return list(split_documents(load_documents(cfg), cfg)["test"]["text"])
+
+
 # ------------------------------------------------------------------------------------
 # tokenizer
 # ------------------------------------------------------------------------------------
@@ -146,6 +163,11 @@ def gpt2_tokenizer(name_or_path: str = "gpt2"):
 # ------------------------------------------------------------------------------------
 # shards
 # ------------------------------------------------------------------------------------
+def tokenizer_spec(tokenizer) -> str:
+    """The name a given tokenizer's shards are filed under (its content hash)."""
+    return "tok-" + hashlib.sha1(tokenizer.to_str().encode()).hexdigest()[:10]
+
+
 def _fingerprint(cfg, tokenizer_spec: str) -> str:
     keys = {k: getattr(cfg, k) for k in ("dataset", "dataset_config", "text_field", "group_by", "group_sep",
                                          "max_docs", "val_fraction", "seed", "bpe_vocab_size")}
@@ -179,10 +201,7 @@ def prepare(cfg, tokenizer=None, tokenizer_spec: str = "bpe") -> Path:
                             f"tokenizer (fingerprint {have} != {fp}); delete it or choose another data_dir")
         return out
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ds = load_documents(cfg)
-    split = ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed, shuffle=True)
-    if len(split["test"]) == 0 or len(split["train"]) == 0:
-        raise DataError(f"val_fraction={cfg.val_fraction} leaves an empty split of {len(ds)} documents")
+    split = split_documents(load_documents(cfg), cfg)
     if tokenizer is None:
         if cfg.tokenizer == "bpe":
             tokenizer = train_bpe(split["train"]["text"], cfg.bpe_vocab_size)

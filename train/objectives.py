@@ -205,11 +205,9 @@ class Objective(nn.Module):
         dev = z.device
         R = m.config.table_radius
         kvec = torch.full((b,), K, dtype=torch.long, device=dev)
-        m.setup_caches(b, T + K, dtype=z.dtype, device=dev)
+        cache = m.new_cache(b, T + K, dtype=z.dtype, device=dev)  # this unroll's own, dropped after it
         try:
-            t = torch.arange(T, device=dev)
-            front_pred = m(z, pos=t, alpha=torch.ones(b, T, device=dev), k=kvec,
-                           mask=causal_mask(T + K, dev)[:T].view(1, 1, T, T + K), cache_slots=t.expand(b, T))
+            front_pred = m.vector_head(m.prefill(z, cache, alpha=torch.ones(b, T, device=dev), k=kvec))
             emb = embryo * (self.cfg.noise_scale * R / d ** 0.5)
             tail = emb[:, :K].clone()
             j = torch.arange(K, device=dev)
@@ -225,7 +223,7 @@ class Objective(nn.Module):
                 Lc = L.clamp(min=1)
                 pos = Lc.view(b, 1) + j.view(1, K)
                 mask = (s < Lc.view(b, 1, 1)) | ((s >= T) & (s <= (T + j).view(1, K, 1)))
-                out = m(tail, pos=pos, alpha=alpha_b, k=kvec, mask=mask.unsqueeze(1),
+                out = m(tail, pos=pos, alpha=alpha_b, k=kvec, mask=mask.unsqueeze(1), cache=cache,
                         cache_slots=scratch)
                 pred = torch.cat([front_pred[rows, Lc - 1].unsqueeze(1), out[:, :K - 1]], dim=1)
                 noise = None
@@ -236,8 +234,6 @@ class Objective(nn.Module):
                 new = torch.cat([new[:, 1:], emb[:, K + u].unsqueeze(1)], dim=1)
                 tail = torch.where(active.view(b, 1, 1), new, tail)
         finally:
-            for block in m.blocks:  # the cache must not outlive the unroll (DDP, checkpoints)
-                block.attn.kv_cache = None
             m.train(was_training)
         return tail
 

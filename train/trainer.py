@@ -14,7 +14,6 @@ atomically at every checkpoint:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -348,8 +347,7 @@ def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None)
 
     # -- data and tokenizer -------------------------------------------------------------
     init_tok = _initial_tokenizer(cfg)
-    spec = cfg.tokenizer if init_tok is None else \
-        "tok-" + hashlib.sha1(init_tok.to_str().encode()).hexdigest()[:10]
+    spec = cfg.tokenizer if init_tok is None else data_mod.tokenizer_spec(init_tok)
     if dist.master:
         data_dir = data_mod.prepare(cfg, init_tok, spec)
     dist.barrier()

@@ -1,25 +1,27 @@
 """Side-by-side generations and a small quality table: maturation (K, s) vs AR greedy.
 
-    python -m train.samples --maturation tmfast/assets/maturation --ar tmfast/assets/ar \
+    python -m evals.samples [--maturation DIR] [--ar DIR] \
         [--prompts "In the beginning" "Blessed are the" ...] [--max_new_tokens 48] [--out FILE.md]
 
-Metrics per setting (over the prompts): judge NLL/token of the continuation under the
-AR model, Dist-1/Dist-2, Rep-2 (share of repeated bigrams), Loop % (samples with a
-repeated trigram), AR-agree (share of committed tokens that equal the AR model's
-greedy choice after the same prefix).
+(default checkpoints: the shipped models, tmfast.checkpoint.SHIPPED). Metrics per setting
+(over the prompts): judge NLL/token of the continuation under the AR model, Dist-1/Dist-2,
+Rep-2, Loop % (the n-gram rules of evals.metrics, empty-sample rule included), AR-agree
+(share of committed tokens that equal the AR model's greedy choice after the same prefix).
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
 import torch
 
 from tmfast.ar import ar_generate, ar_logits, ar_nll
-from tmfast.checkpoint import load_checkpoint
+from tmfast.checkpoint import SHIPPED, load_checkpoint
 from tmfast.config import GenerationConfig
+
+from . import metrics
+from .judges import display_path
 
 DEFAULT_PROMPTS = ["In the beginning", "And the LORD said unto Moses,", "Blessed are the",
                    "The LORD is my shepherd;", "And it came to pass, when the king"]
@@ -36,14 +38,11 @@ DEFAULT_SETTINGS = [("maturation, engine defaults (K=16 s=1 α_max=1 tail_noise=
                                                                       "alpha_max": 0.7, "tail_noise": 0.4})]
 
 
-def ngrams(ids, n):
-    return [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-
-
+@torch.no_grad()
 def text_metrics(prompt_ids: list[list[int]], outs: list[list[int]], judge) -> dict:
-    nll = cnt = agree = 0.0
-    d1 = d2 = rep2 = 0.0
-    loops = 0
+    """judge_nll, judge_ppl, dist1, dist2, rep2, loop_pct (evals.metrics), ar_agree, tokens."""
+    nll = agree = 0.0
+    cnt = 0
     for p, o in zip(prompt_ids, outs):
         s, c = ar_nll(judge, p, o)
         nll, cnt = nll + s, cnt + c
@@ -51,15 +50,10 @@ def text_metrics(prompt_ids: list[list[int]], outs: list[list[int]], judge) -> d
             full = torch.tensor([(p + o)[-judge.config.n_positions - 1:]])
             greedy = ar_logits(judge, full[:, :-1])[0].argmax(-1)[-len(o):]
             agree += float((greedy == torch.tensor(o)).sum())
-        g1, g2, g3 = ngrams(o, 1), ngrams(o, 2), ngrams(o, 3)
-        d1 += len(set(g1)) / max(len(g1), 1)
-        d2 += len(set(g2)) / max(len(g2), 1)
-        rep2 += 1 - len(set(g2)) / max(len(g2), 1)
-        loops += int(len(set(g3)) < len(g3))
-    n = max(len(outs), 1)
-    return {"judge_nll": nll / max(cnt, 1), "judge_ppl": math.exp(nll / max(cnt, 1)), "dist1": d1 / n,
-            "dist2": d2 / n, "rep2": rep2 / n, "loop_pct": 100.0 * loops / n, "ar_agree": agree / max(cnt, 1),
-            "tokens": int(cnt)}
+    m = metrics.summarize(outs)
+    return {"judge_nll": nll / cnt if cnt else None, "judge_ppl": metrics.perplexity(nll, cnt),
+            "dist1": m["dist1"], "dist2": m["dist2"], "rep2": m["rep2"], "loop_pct": m["loop_pct"],
+            "ar_agree": agree / cnt if cnt else None, "tokens": int(cnt)}
 
 
 @torch.no_grad()
@@ -85,12 +79,17 @@ def run_settings(mat_model, mat_tok, judge, judge_tok, prompts, max_new_tokens=4
     return res
 
 
+def _f(v, fmt: str) -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
 def to_markdown(prompts, res) -> str:
     lines = ["| setting | judge NLL/tok | Dist-1 | Dist-2 | Rep-2 | Loop % | AR-agree |",
              "|---|---|---|---|---|---|---|"]
     for name, (_, _, m) in res.items():
-        lines.append(f"| {name} | {m['judge_nll']:.3f} | {m['dist1']:.3f} | {m['dist2']:.3f} | {m['rep2']:.3f} "
-                     f"| {m['loop_pct']:.0f} | {m['ar_agree']:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(_f(m[k], fmt) for k, fmt in (
+            ("judge_nll", "{:.3f}"), ("dist1", "{:.3f}"), ("dist2", "{:.3f}"), ("rep2", "{:.3f}"),
+            ("loop_pct", "{:.0f}"), ("ar_agree", "{:.3f}"))) + " |")
     lines.append("")
     for i, p in enumerate(prompts):
         lines.append(f"### prompt: {p!r}")
@@ -102,9 +101,10 @@ def to_markdown(prompts, res) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--maturation", default="tmfast/assets/maturation")
-    ap.add_argument("--ar", default="tmfast/assets/ar")
+    ap = argparse.ArgumentParser(prog="python -m evals.samples", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--maturation", default=display_path(str(SHIPPED["maturation"])))
+    ap.add_argument("--ar", default=display_path(str(SHIPPED["ar"])))
     ap.add_argument("--prompts", nargs="*", default=DEFAULT_PROMPTS)
     ap.add_argument("--max_new_tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
@@ -114,9 +114,9 @@ def main(argv=None) -> int:
     mat, mtok = load_checkpoint(a.maturation)
     judge, jtok = load_checkpoint(a.ar)
     res = run_settings(mat, mtok, judge, jtok, a.prompts, a.max_new_tokens, seed=a.seed)
-    md = (f"# Generations: maturation vs AR\n\nMade by `python -m train.samples --maturation {a.maturation} "
+    md = (f"# Generations: maturation vs AR\n\nMade by `python -m evals.samples --maturation {a.maturation} "
           f"--ar {a.ar} --max_new_tokens {a.max_new_tokens} --seed {a.seed}` ({a.max_new_tokens} new tokens, "
-          f"embryo seed {a.seed}; judge = the AR model; see train/samples.py for the metrics).\n\n"
+          f"embryo seed {a.seed}; judge = the AR model; see evals/samples.py for the metrics).\n\n"
           + to_markdown(a.prompts, res))
     print(md)
     if a.out:

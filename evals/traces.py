@@ -1,6 +1,6 @@
 """Maturation traces: what every tail slot does, step by step (the paper's figures 2 and 4).
 
-    python -m tmfast.traces [--checkpoint DIR] [--prompt TEXT ...] [--tail 16] [--guidance 1 2]
+    python -m evals.traces [--checkpoint DIR] [--prompt TEXT ...] [--tail 16] [--guidance 1 2]
                             [--tau 1 0.05] [--max-new-tokens 64] [--out bench/results/traces]
 
 For each prompt and setting, per step and per tail slot, right after the update and before
@@ -23,14 +23,13 @@ import math
 import sys
 from pathlib import Path
 
-
-from .config import GenerationConfig
+from tmfast.config import GenerationConfig
 
 
 def record_traces(model, tokenizer, prompts: list[list[int]], gens: list[GenerationConfig],
                   taus: list[float]) -> dict:
     """Run the engine with the tail probe for every (setting, τ); returns a JSON-able dict."""
-    from .engine import MaturationEngine
+    from tmfast.engine import MaturationEngine
     engine = MaturationEngine(model, tokenizer)
     runs = []
     for g in gens:
@@ -150,11 +149,8 @@ def plot_traces(data: dict, out_dir: str | Path, flicker_positions: int = 16) ->
         ax.set_ylabel("entropy of softmax(cos(z̃, E)/τ) [nats]")
         ax.set_title(f"τ = {tau:g}")
         ax.legend(fontsize=8)
-    fig.suptitle("Entropy of a tail slot through maturation (mean, 10–90 % band)")
-    fig.tight_layout()
-    paths.append(out_dir / "entropy.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir / "entropy.png",
+                       "Entropy of a tail slot through maturation (mean, 10–90 % band)"))
 
     # 2. top-1 flicker of each position across its stages (first prompt)
     tt = data["token_text"]
@@ -175,10 +171,7 @@ def plot_traces(data: dict, out_dir: str | Path, flicker_positions: int = 16) ->
         ax.set_ylabel("maturation step m")
         ax.set_xlabel("continuation position q (committed at m = K, top row)")
         ax.set_title(f"top-1 candidate per stage, {label(r['setting'])}; prompt: {r['prompt'][-60:]!r}", fontsize=9)
-    fig.tight_layout()
-    paths.append(out_dir / "flicker.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir / "flicker.png"))
 
     # 3. displacement decay: the step ‖Δz̃‖ = α_j‖ẑ − z̃‖, and the residual ‖ẑ − z̃‖ = ‖Δz̃‖/α_j
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -202,18 +195,23 @@ def plot_traces(data: dict, out_dir: str | Path, flicker_positions: int = 16) ->
         ax.set_yscale("log")
         ax.set_xlabel("maturation step m (α grows from α_max/K at m = 1 to α_max at m = K)")
         ax.legend(fontsize=7)
-    fig.suptitle("Displacement through maturation (faint: single positions of the first prompts)")
-    fig.tight_layout()
-    paths.append(out_dir / "displacement.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir / "displacement.png",
+                       "Displacement through maturation (faint: single positions of the first prompts)"))
     return [out_dir / "traces.json"] + paths
 
 
+def _save(plt, fig, path: Path, title: str | None = None) -> Path:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
-    from .checkpoint import load_checkpoint
-    from .checkpoint import SHIPPED
-    p = argparse.ArgumentParser(prog="python -m tmfast.traces", description=__doc__,
+    from tmfast.checkpoint import SHIPPED, load_checkpoint
+    p = argparse.ArgumentParser(prog="python -m evals.traces", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(SHIPPED["maturation"]))
     p.add_argument("--prompt", nargs="+", default=["In the beginning God created", "And the LORD said unto Moses,"])

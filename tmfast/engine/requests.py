@@ -1,0 +1,124 @@
+"""Requests: prompt parsing and checks, and one request's bookkeeping (ids, text, stopping, deltas)."""
+from __future__ import annotations
+
+import torch
+
+from ..config import GenerationConfig
+from ..model import TMModel
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot be served as asked; `param` names the field when known."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(GenerationError):
+    """The engine's request queue is full; retry later."""
+
+
+def prompt_vectors(model: TMModel, tokenizer, prompt) -> tuple[list[int] | None, torch.Tensor]:
+    """(token ids or None, committed vectors (T,d)) for a text, token-id or vector prompt."""
+    cfg, table = model.config, model.table.weight
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 2 or prompt.shape[1] != cfg.n_embd or prompt.shape[0] == 0:
+            raise GenerationError(f"prompt vectors must have shape (T>0, {cfg.n_embd}), "
+                                  f"got {tuple(prompt.shape)}", "prompt")
+        if not torch.isfinite(prompt).all():
+            raise GenerationError("prompt vectors must be finite", "prompt")
+        return None, prompt.detach().to(table.device, table.dtype)
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise GenerationError("prompt is empty", "prompt")
+        if tokenizer is None:
+            raise GenerationError("this engine has no tokenizer: pass token ids or vectors", "prompt")
+        ids = tokenizer.encode(prompt).ids
+    else:
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise GenerationError("prompt must be a string, a list of token ids or a (T, d) tensor",
+                                  "prompt") from None
+    if not ids:
+        raise GenerationError("prompt is empty", "prompt")
+    if min(ids) < 0 or max(ids) >= cfg.vocab_size:
+        raise GenerationError(f"token ids must lie in [0, {cfg.vocab_size})", "prompt")
+    return ids, model.table(torch.tensor(ids, device=table.device))
+
+
+def check_fits(cfg, n_prompt: int, g: GenerationConfig, max_len: int | None = None,
+               k_window: int | None = None) -> None:
+    """Reject up front what would not fit: never truncate silently."""
+    kw = g.tail if k_window is None else k_window
+    if g.tail > cfg.k_max:
+        raise GenerationError(f"tail length K={g.tail} exceeds the model's k_max={cfg.k_max}", "tail")
+    if g.tail > kw:
+        raise GenerationError(f"tail length K={g.tail} exceeds this engine's tail window of {kw}", "tail")
+    room = cfg.n_positions - n_prompt - g.tail + 1
+    if max_len is not None:
+        room = min(room, max_len - n_prompt - kw + 1)
+    if room < 1:
+        raise GenerationError(f"prompt of {n_prompt} tokens plus a tail of K={g.tail} does not fit "
+                              f"the model context of {cfg.n_positions} positions", "prompt")
+    if g.max_new_tokens > room:
+        raise GenerationError(f"prompt ({n_prompt} tokens) + max_new_tokens ({g.max_new_tokens}) + "
+                              f"tail − 1 exceeds the context; at most {room} new tokens fit", "max_new_tokens")
+
+
+class Sequence:
+    """One request: its committed tokens, its text, when it stops, what to stream next."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int] | None, n_prompt: int, gen: GenerationConfig,
+                 tokenizer, eos_token_id: int | None, track_text: bool):
+        self.id, self.prompt_ids, self.n_prompt, self.gen = request_id, prompt_ids, n_prompt, gen
+        self.tokenizer, self.eos = tokenizer, eos_token_id
+        self.track_text = tokenizer is not None and (track_text or bool(gen.stop))
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.slot = -1
+        self._emitted = 0  # characters of text already streamed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def commit(self, tok: int) -> None:
+        if tok < 0:
+            raise GenerationError("the front tail vector is not finite (NaN/inf): nothing to commit")
+        g = self.gen
+        if g.stop_at_eos and self.eos is not None and tok == self.eos:
+            self.finish_reason = "eos"
+            return
+        self.token_ids.append(tok)
+        if self.track_text:
+            self.text = self.tokenizer.decode(self.token_ids)
+            cut = min((self.text.find(s) for s in g.stop if s in self.text), default=-1)
+            if cut >= 0:
+                self.text, self.finish_reason = self.text[:cut], "stop"
+                return
+        if len(self.token_ids) >= g.max_new_tokens:
+            self.finish_reason = "length"
+
+    def final_text(self) -> str:
+        if self.tokenizer is None:
+            return ""
+        if self.finish_reason != "stop":
+            self.text = self.tokenizer.decode(self.token_ids)
+        return self.text
+
+    def text_delta(self) -> str:
+        """New text that is safe to stream: held back while it ends in an incomplete UTF-8
+        character or in what may become a stop string."""
+        text = self.final_text() if self.finished else self.text
+        end = len(text)
+        if not self.finished:
+            while end > self._emitted and text[end - 1] == "\ufffd":
+                end -= 1
+            # the longest tail of the text that some stop string could still complete
+            end -= max((n for s in self.gen.stop for n in range(min(len(s) - 1, end - self._emitted), 0, -1)
+                        if text[end - n:end] == s[:n]), default=0)
+        delta, self._emitted = text[self._emitted:end], max(self._emitted, end)
+        return delta
