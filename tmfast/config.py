@@ -69,6 +69,26 @@ class ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def _integer(cfg, name: str, lo: int | None = None, hi: int | None = None, what: str | None = None) -> None:
+    """A field that must be an int (not a bool, not a float) in [lo, hi]: one-line ConfigError."""
+    v = getattr(cfg, name)
+    ok = isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (hi is None or v <= hi)
+    if not ok:
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{what or name} must be an integer {rng}, got {v!r}", name)
+
+
+def _real(cfg, name: str, lo: float | None = None, hi: float | None = None) -> None:
+    """A field that must be a finite real number (int or float, not a bool or a string) in [lo, hi]."""
+    v = getattr(cfg, name)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+        and (lo is None or v >= lo) and (hi is None or v <= hi)
+    if not ok:
+        rng = "" if lo is None and hi is None else f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None \
+            else f" >= {lo:g}" if lo is not None else f" <= {hi:g}"
+        raise ConfigError(f"{name} must be a finite number{rng}, got {v!r}", name)
+
+
 def alpha_profile(k: int, alpha_max: float, alpha_min: float | None = None) -> list[float]:
     """The α of each tail slot, front (index 0) to back: linear from alpha_max down to alpha_min
     (default alpha_max / K). The engine steps with it and training simulates it."""
@@ -105,28 +125,39 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
 
+    # Ranges a request must stay inside: seeds are what every random stream is seeded from
+    # (mix_seed works modulo 2**63); scales are fractions of the table radius (or, for guidance,
+    # of the prediction): beyond these bounds fp32 activations only overflow, never help.
+    SEED_RANGE = (0, 2 ** 63 - 1)
+    MAX_SCALE = 1e3
+    MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1000
+
     def __post_init__(self):
-        if not isinstance(self.tail, int) or self.tail < 1:
-            raise ConfigError(f"tail length K must be an integer >= 1, got {self.tail!r}", "tail")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}", "max_new_tokens")
-        if not math.isfinite(self.guidance):
-            raise ConfigError(f"guidance must be finite, got {self.guidance!r}", "guidance")
+        _integer(self, "tail", lo=1, what="tail length K")
+        _integer(self, "max_new_tokens", lo=1)
+        _integer(self, "seed", lo=self.SEED_RANGE[0], hi=self.SEED_RANGE[1])
+        _real(self, "guidance", lo=-self.MAX_SCALE, hi=self.MAX_SCALE)
+        _real(self, "alpha_max")
         if not (0 < self.alpha_max <= 1):
             raise ConfigError(f"alpha_max must be in (0, 1], got {self.alpha_max!r}", "alpha_max")
-        if self.alpha_min is not None and not (0 < self.alpha_min <= self.alpha_max):
-            raise ConfigError(f"alpha_min must be in (0, alpha_max], got {self.alpha_min!r}", "alpha_min")
-        if not (self.embryo_scale >= 0 and math.isfinite(self.embryo_scale)):
-            raise ConfigError(f"embryo_scale must be >= 0 and finite, got {self.embryo_scale!r}", "embryo_scale")
-        for name in ("history_noise", "tail_noise"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
-                raise ConfigError(f"{name} must be >= 0 and finite, got {v!r}", name)
+        if self.alpha_min is not None:
+            _real(self, "alpha_min")
+            if not (0 < self.alpha_min <= self.alpha_max):
+                raise ConfigError(f"alpha_min must be in (0, alpha_max], got {self.alpha_min!r}", "alpha_min")
+        for name in ("embryo_scale", "history_noise", "tail_noise"):
+            _real(self, name, lo=0.0, hi=self.MAX_SCALE)
+        if not isinstance(self.stop_at_eos, bool):
+            raise ConfigError(f"stop_at_eos must be true or false, got {self.stop_at_eos!r}", "stop_at_eos")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(x, str) for x in self.stop):
+            raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}", "stop")
         self.stop = tuple(self.stop)
-        if any(not s for s in self.stop):
+        if any(not x for x in self.stop):
             raise ConfigError("stop strings must be non-empty", "stop")
+        if len(self.stop) > self.MAX_STOP_STRINGS or any(len(x) > self.MAX_STOP_CHARS for x in self.stop):
+            raise ConfigError(f"at most {self.MAX_STOP_STRINGS} stop strings of at most {self.MAX_STOP_CHARS} "
+                              "characters each", "stop")
 
     def alpha_profile(self) -> list[float]:
         """Per-slot α, front (index 0) to back: see `alpha_profile`."""

@@ -114,6 +114,10 @@ class KVCache:
         for t in self.k + self.v:
             t[dst, :, :n_slots] = t[src, :, :n_slots]
 
+    def zero_row(self, row: int) -> None:
+        for t in self.k + self.v:
+            t[row].zero_()
+
 
 def cache_index(slots: torch.Tensor, rows: torch.Tensor | slice | None = None, span: int | None = None) -> tuple:
     """Where a cached call's inputs go: slots (n,W) per input, rows (n,) or a slice of n rows

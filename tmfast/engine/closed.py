@@ -17,7 +17,8 @@ class GenerationResult:
     prompt_ids: list[int] | None
     token_ids: list[int]
     text: str
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "error" (then `error` says why)
+    error: str | None = None
 
 
 @dataclass
@@ -99,6 +100,7 @@ class MaturationEngine:
                  for (ids, v), g in zip(parsed, gens)]
         views = [engine.request(rid) for rid in order]
         index = {rid: b for b, rid in enumerate(order)}
+        errors: list[str | None] = [None] * B
         step = 0
         try:
             while engine.has_work:
@@ -112,6 +114,7 @@ class MaturationEngine:
                     if b is None:  # the end of an earlier stream that its consumer left early
                         continue
                     ev.committed[b] = e.token_ids[0] if e.token_ids else None
+                    errors[b] = e.error
                     if show:
                         ev.tail_tokens[b] = e.tail_tokens
                     if stats:
@@ -122,4 +125,5 @@ class MaturationEngine:
         finally:
             for rid in order:  # a consumer that stops early leaves nothing running
                 engine.abort(rid)
-        return [GenerationResult(v.prompt_ids, v.token_ids, v.text, v.finish_reason) for v in views]
+        return [GenerationResult(v.prompt_ids, v.token_ids, v.text, v.finish_reason, err)
+                for v, err in zip(views, errors)]

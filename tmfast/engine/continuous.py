@@ -14,7 +14,7 @@ from csrc_triton import resolve_impl
 
 from ..config import GenerationConfig
 from ..model import TMModel
-from .requests import GenerationError, QueueFullError, Sequence, check_fits, prompt_vectors
+from .requests import GenerationError, QueueFullError, Sequence, check_fits, max_prompt_chars, prompt_vectors
 from .slots import DecodeBatch, StepOutput
 from .step import decode_step_tensors
 
@@ -98,6 +98,8 @@ class Engine:
             raise GenerationError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_len = max_len or cfg.n_positions + k_window - 1
+        # a text longer than this cannot fit, whatever it tokenises to (checked before tokenising)
+        self.max_prompt_chars = max_prompt_chars(model, tokenizer) if tokenizer is not None else None
         # defaults for requests that do not say
         self.max_queue, self.entropy_tau, self.track_text = max_queue, entropy_tau, track_text
         step_fn = decode_step_tensors
@@ -148,7 +150,7 @@ class Engine:
         track_text: decode text every step (stop strings imply it; default: the engine's);
         entropy_tau: τ of the per-slot entropy that return_stats reports (default: the engine's)."""
         g = params if isinstance(params, GenerationConfig) else GenerationConfig.from_dict(params or {})
-        ids, vectors = prompt_vectors(self.model, self.tokenizer, prompt)
+        ids, vectors = prompt_vectors(self.model, self.tokenizer, prompt, self.max_prompt_chars)
         check_fits(self.model.config, len(vectors), g, self.max_len, self.k_window)
         if g.stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer", "stop")
@@ -193,15 +195,7 @@ class Engine:
     def step(self) -> list[RequestEvent]:
         """Admit what fits, advance every running request by one step, return their events."""
         events, self._aborted = self._aborted, []
-        admitted = []
-        for slot in self._batch.free_slots():
-            if not self._queue:
-                break
-            r = self._queue.popleft()
-            r.seq.slot = slot
-            self._running[slot] = r
-            admitted.append((slot, r.vectors, r.seq.gen, r.watched))
-        self._batch.admit(admitted)
+        events += self._admit()
         if not self._running:
             return events
         running = self._running.values()
@@ -221,9 +215,39 @@ class Engine:
             self._release(slot)
         return events
 
+    def _admit(self) -> list[RequestEvent]:
+        """Move queued requests into free slots (one batched prefill). If that fails, each is
+        admitted alone, so a request that cannot start fails by itself; returns its events."""
+        free = self._batch.free_slots()
+        group = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
+        if not group:
+            return []
+        try:
+            self._start(group)
+            return []
+        except Exception:  # noqa: BLE001 — find the request that cannot start, fail only it
+            pass
+        events = []
+        for r in group:
+            try:
+                self._start([r])
+            except Exception as e:  # noqa: BLE001
+                r.seq.finish_reason = "error"
+                events.append(RequestEvent(r.seq.id, [], "", True, "error",
+                                           error=f"could not start: {type(e).__name__}: {e}"))
+        return events
+
+    def _start(self, group: list[_Request]) -> None:
+        slots = self._batch.free_slots()[:len(group)]
+        self._batch.admit([(slot, r.vectors, r.seq.gen, r.watched) for slot, r in zip(slots, group)])
+        for slot, r in zip(slots, group):  # only once the batch holds them
+            r.seq.slot = slot
+            self._running[slot] = r
+
     def _release(self, slot: int) -> None:
+        failed = self._running[slot].seq.finish_reason == "error"
         del self._running[slot]
-        moved = self._batch.release(slot)
+        moved = self._batch.release(slot, failed)
         if moved is not None:
             r = self._running.pop(moved)
             r.seq.slot = slot

@@ -1,6 +1,8 @@
 """Requests: prompt parsing and checks, and one request's bookkeeping (ids, text, stopping, deltas)."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..config import GenerationConfig
@@ -19,32 +21,81 @@ class QueueFullError(GenerationError):
     """The engine's request queue is full; retry later."""
 
 
-def prompt_vectors(model: TMModel, tokenizer, prompt) -> tuple[list[int] | None, torch.Tensor]:
+def _too_long(n: int, cfg) -> GenerationError:
+    return GenerationError(f"prompt of {n} tokens does not fit the model context of {cfg.n_positions} positions",
+                           "prompt")
+
+
+def max_prompt_chars(model: TMModel, tokenizer) -> int | None:
+    """A text longer than this cannot fit the model context whatever it tokenises to: context
+    positions × the characters of the tokenizer's longest vocabulary entry (None: no bound known).
+    Computed once per engine, so an oversize text is rejected without being tokenised."""
+    try:
+        longest = max(len(t) for t in tokenizer.get_vocab())
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return model.config.n_positions * longest
+
+
+def prompt_ids(model: TMModel, tokenizer, prompt, max_chars: int | None = None) -> list[int] | None:
+    """The token ids of a text or token-id prompt (None for vectors), checked before anything is
+    embedded: the length against the model context (for text, a bound from its length in
+    characters comes first, so an oversize text is never tokenised), the ids against the vocabulary."""
+    cfg = model.config
+    if isinstance(prompt, torch.Tensor):
+        return None
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise GenerationError("prompt is empty", "prompt")
+        if tokenizer is None:
+            raise GenerationError("this engine has no tokenizer: pass token ids or vectors", "prompt")
+        if max_chars is not None and len(prompt) > max_chars:
+            raise GenerationError(f"prompt of {len(prompt)} characters does not fit the model context of "
+                                  f"{cfg.n_positions} positions", "prompt")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise GenerationError(f"prompt is not valid Unicode ({e.reason} at character {e.start})",
+                                  "prompt") from None
+        ids = tokenizer.encode(prompt).ids
+    else:
+        if isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__iter__"):
+            raise GenerationError("prompt must be a string, a list of token ids or a (T, d) tensor", "prompt")
+        try:  # integers of any kind (int, numpy, 0-d tensors); not floats, not bools
+            if any(isinstance(t, bool) for t in prompt):
+                raise TypeError
+            ids = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise GenerationError("prompt must be a string, a list of token ids or a (T, d) tensor",
+                                  "prompt") from None
+    if not ids:
+        raise GenerationError("prompt is empty", "prompt")
+    if len(ids) > cfg.n_positions:
+        raise _too_long(len(ids), cfg)
+    if min(ids) < 0 or max(ids) >= cfg.vocab_size:
+        raise GenerationError(f"token ids must lie in [0, {cfg.vocab_size})", "prompt")
+    return ids
+
+
+def prompt_vectors(model: TMModel, tokenizer, prompt, max_chars: int | None = None
+                   ) -> tuple[list[int] | None, torch.Tensor]:
     """(token ids or None, committed vectors (T,d)) for a text, token-id or vector prompt."""
     cfg, table = model.config, model.table.weight
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() != 2 or prompt.shape[1] != cfg.n_embd or prompt.shape[0] == 0:
             raise GenerationError(f"prompt vectors must have shape (T>0, {cfg.n_embd}), "
                                   f"got {tuple(prompt.shape)}", "prompt")
+        if not prompt.dtype.is_floating_point:
+            raise GenerationError(f"prompt vectors must be real floating point, got {prompt.dtype}", "prompt")
+        if prompt.shape[0] > cfg.n_positions:
+            raise _too_long(prompt.shape[0], cfg)
         if not torch.isfinite(prompt).all():
             raise GenerationError("prompt vectors must be finite", "prompt")
-        return None, prompt.detach().to(table.device, table.dtype)
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise GenerationError("prompt is empty", "prompt")
-        if tokenizer is None:
-            raise GenerationError("this engine has no tokenizer: pass token ids or vectors", "prompt")
-        ids = tokenizer.encode(prompt).ids
-    else:
-        try:
-            ids = [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise GenerationError("prompt must be a string, a list of token ids or a (T, d) tensor",
-                                  "prompt") from None
-    if not ids:
-        raise GenerationError("prompt is empty", "prompt")
-    if min(ids) < 0 or max(ids) >= cfg.vocab_size:
-        raise GenerationError(f"token ids must lie in [0, {cfg.vocab_size})", "prompt")
+        v = prompt.detach().to(table.device, table.dtype)
+        if not torch.isfinite(v).all():  # finite in float64, not in the model's dtype
+            raise GenerationError(f"prompt vectors overflow {table.dtype}", "prompt")
+        return None, v
+    ids = prompt_ids(model, tokenizer, prompt, max_chars)
     return ids, model.table(torch.tensor(ids, device=table.device))
 
 

@@ -125,6 +125,8 @@ class DecodeBatch:
                 x[i, :len(v) - 1] = v[:-1]
             prefill(self.model, self.cache, x, torch.tensor([g.tail for _, _, g, _ in items], device=dev), rows)
         for (slot, info, profile), v, (_, _, g, _) in zip(infos, prompts, items):
+            # nothing below can fail for a validated request; n_active moves last, so a failure
+            # above leaves the running slots as they were
             self.info[slot] = info
             st.last[slot] = v[-1]
             st.tail[slot].zero_()
@@ -139,9 +141,15 @@ class DecodeBatch:
             st.guidance[slot] = g.guidance
         self.n_active += len(items)
 
-    def release(self, slot: int) -> int | None:
+    def release(self, slot: int, failed: bool = False) -> int | None:
         """Free a slot. If it was not the last running one, the last one moves into it:
-        returns the slot that moved (its sequence now lives at `slot`), else None."""
+        returns the slot that moved (its sequence now lives at `slot`), else None.
+        A slot whose sequence failed or holds a non-finite vector is scrubbed first: a masked-out
+        NaN in a cache slot still turns attention into NaN, so it must never reach a later
+        occupant (or a sequence that moves in)."""
+        st = self.state
+        if failed or not bool(torch.isfinite(st.last[slot]).all() & torch.isfinite(st.tail[slot]).all()):
+            self.scrub(slot)
         last = self.n_active - 1
         self.n_active = last
         moved = None
@@ -153,6 +161,13 @@ class DecodeBatch:
             moved = last
         self.info[last] = None
         return moved
+
+    @torch.no_grad()
+    def scrub(self, slot: int) -> None:
+        """Zero a slot's cache row (every layer, every slot) and its state rows."""
+        self.cache.zero_row(slot)
+        for t in (self.state.last, self.state.tail, self.state.alpha):
+            t[slot].zero_()
 
     def _bucket(self) -> int:
         """Slots to compute: the running ones rounded up to a power of two (at most max_batch)."""
