@@ -212,12 +212,38 @@ def test_torchrun_two_ranks_match_single_process(work, ar_ckpt):
 
 
 # -- exact resume -----------------------------------------------------------------------
-def test_resume_after_sigkill_is_exact(work, ar_ckpt):
-    """A run SIGKILLed between checkpoints and resumed ends bit-identical to an uninterrupted one."""
-    common = {**TINY, "objective": "maturation", "init_from": str(ar_ckpt), "data_dir": str(work / "data_m"),
-              "max_steps": 12, "eval_interval": 6, "ckpt_interval": 4}
+@pytest.fixture(scope="module")
+def resume_common(work, ar_ckpt):
+    return {**TINY, "objective": "maturation", "init_from": str(ar_ckpt), "data_dir": str(work / "data_m"),
+            "max_steps": 12, "eval_interval": 6, "ckpt_interval": 4}
+
+
+@pytest.fixture(scope="module")
+def resume_ref(work, resume_common):
+    """The uninterrupted run every resumed run must equal bit for bit."""
     ref = work / "res_ref"
-    assert train(config_from(None, {**common, "out_dir": str(ref)})) == 0
+    assert train(config_from(None, {**resume_common, "out_dir": str(ref)})) == 0
+    return ref
+
+
+def cli_args(settings: dict) -> list[str]:
+    return [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in settings.items()]
+
+
+def assert_same_run(ref, out):
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    key = lambda e: [(x["step"], x["val_loss"], x["train_loss"]) for x in e]  # noqa: E731
+    assert key(evals(ref)) == key(evals(out)) and [x["step"] for x in evals(out)] == [6, 12]
+    oa, ob = load_file(str(ref / "optimizer.safetensors")), load_file(str(out / "optimizer.safetensors"))
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+
+
+def test_resume_after_sigkill_is_exact(work, resume_common, resume_ref):
+    """A run SIGKILLed between checkpoints and resumed ends bit-identical to an uninterrupted one."""
+    common = resume_common
+    ref = resume_ref
     out = work / "res_kill"
     args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in common.items()]
     args.append(f"--out_dir={out}")
@@ -236,6 +262,214 @@ def test_resume_after_sigkill_is_exact(work, ar_ckpt):
     assert key(evals(ref)) == key(evals(out)) and [x["step"] for x in evals(out)] == [6, 12]
     oa, ob = load_file(str(ref / "optimizer.safetensors")), load_file(str(out / "optimizer.safetensors"))
     assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+
+
+# Kills inside checkpoint saves (tmfast.checkpoint's named points), one run after another on
+# the same out_dir, every run but the first with --resume; saves at steps 2, 4, ..., 12. Each
+# run is killed at (point, n-th time reached) or finishes; then the line its stdout must hold.
+# Consecutive kills are the double kills: a kill in one save, then one at another point of
+# the next save or of the recovery that starts it.
+KILL_CHAIN = [
+    (("partial", 1), None),               # first save (step 2) killed mid-write: nothing complete yet
+    (("recover_clean", 1), None),         # --resume killed right after removing that temp dir
+    (("staged", 2), "no checkpoint in {out} yet"),  # a new run after all; step-4 save killed before commit
+    (("new", 1), "resumed from {out} at step 2"),   # step-4 save killed after commit (.new), before the swap
+    (("recover_aside", 1), None),         # --resume killed rolling it forward: out_dir renamed to .old
+    (("aside", 1), "resumed from {out} at step 4"),  # step-6 save killed with out_dir renamed away
+    (("swapped", 1), "resumed from {out} at step 6"),  # step-8 save killed before removing .old
+    (None, "resumed from {out} at step 8"),
+]
+
+
+class Killed(BaseException):
+    """A kill inside save_checkpoint (in-process variant): no Exception handler runs."""
+
+
+def run_kill_chain(out: Path, common: dict, run_one):
+    for i, (kill, expect) in enumerate(KILL_CHAIN):
+        killed, stdout = run_one(i > 0, kill)
+        assert killed == (kill is not None), (i, kill, stdout[-2000:])
+        if expect:
+            assert expect.format(out=out) in stdout, (i, kill, stdout[-2000:])
+        leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+        assert len(leftovers) <= 2, leftovers
+    assert [p.name for p in out.parent.iterdir() if out.name in p.name] == [out.name]  # no leftovers
+
+
+def test_kills_in_every_window_of_two_saves_then_resume_is_exact(work, resume_common, resume_ref, monkeypatch,
+                                                                    capsys):
+    from tmfast import checkpoint as ckpt
+    common = {**resume_common, "ckpt_interval": 2}
+    out = work / "kill_chain" / "run"
+
+    def run_one(resume, kill):
+        hits = []
+
+        def hook(point):
+            if kill and point == kill[0]:
+                hits.append(point)
+                if len(hits) == kill[1]:
+                    raise Killed(point)
+        monkeypatch.setattr(ckpt, "fault_hook", hook)
+        try:
+            rc = train(config_from(None, {**common, "out_dir": str(out)}), resume)
+            assert rc == 0
+            killed = False
+        except Killed:
+            killed = True
+        return killed, capsys.readouterr().out
+
+    run_kill_chain(out, common, run_one)
+    assert_same_run(resume_ref, out)
+
+
+@pytest.mark.slow
+def test_sigkills_in_every_window_of_two_saves_then_resume_is_exact(work, resume_common, resume_ref):
+    """The chain above with real SIGKILLs ($TMFAST_CKPT_KILL_AT), one process per run (≈ 40 s)."""
+    common = {**resume_common, "ckpt_interval": 2}
+    out = work / "sigkill_chain" / "run"
+
+    def run_one(resume, kill):
+        e = env() if kill is None else {**env(), "TMFAST_CKPT_KILL_AT": f"{kill[0]}:{kill[1]}"}
+        p = subprocess.run([sys.executable, "-m", "train", *cli_args(common), f"--out_dir={out}",
+                            *(["--resume"] if resume else [])], cwd=ROOT, capture_output=True, text=True,
+                           env=e, timeout=120)
+        assert p.returncode in (0, -signal.SIGKILL), p.stderr[-3000:]
+        return p.returncode == -signal.SIGKILL, p.stdout
+
+    run_kill_chain(out, common, run_one)
+    assert_same_run(resume_ref, out)
+
+
+def test_sigkill_with_out_dir_renamed_away_then_sigkill_after_old_copy_removed(work, resume_common, resume_ref):
+    """Issue 11's sequence with real kills: SIGKILL just after out_dir was renamed to .old (the
+    step-4 save), then SIGKILL in the next --resume just after .old was removed. A complete
+    checkpoint is left at each stage and the last --resume continues exactly from step 4."""
+    from tmfast.checkpoint import load_checkpoint as load
+    common = {**resume_common, "ckpt_interval": 2}
+    out = work / "sigkill2" / "run"
+    cmd = [sys.executable, "-m", "train", *cli_args(common), f"--out_dir={out}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**env(), "TMFAST_CKPT_KILL_AT": "aside"})  # the step-4 save (step 2 had nothing to move)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert sorted(x.name for x in out.parent.iterdir()) == [".run.new", ".run.old"]
+    with pytest.warns(UserWarning, match="loading the complete copy .*run.new"):
+        load(out)  # readers find the complete copy
+    assert json.loads((out.parent / ".run.new" / "train_state.json").read_text())["step"] == 4
+    p = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**env(), "TMFAST_CKPT_KILL_AT": "recover_clean:1"})
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert sorted(x.name for x in out.parent.iterdir()) == ["run"]
+    assert json.loads((out / "train_state.json").read_text())["step"] == 4
+    assert train(config_from(None, {**common, "out_dir": str(out)}), True) == 0
+    assert_same_run(resume_ref, out)
+
+
+# -- --resume: what it resumes, and settings that changed -----------------------------------
+@pytest.fixture
+def ar_copy(work, ar_ckpt, tmp_path):
+    """A copy of the finished AR run (step 40) and the arguments that made it."""
+    import shutil
+    out = tmp_path / "ar"
+    shutil.copytree(ar_ckpt, out)
+    args = cli_args({**TINY, "data_dir": str(work / "data"), "max_steps": 40, "eval_interval": 20,
+                     "ckpt_interval": 0, "out_dir": str(out)})
+    return out, args
+
+
+def test_resume_refuses_settings_that_change_the_run(ar_copy, capsys):
+    out, args = ar_copy
+    before = (out / "model.safetensors").read_bytes()
+    assert train_main(args + ["--resume", "--lr=0.001", "--batch_size=2", "--log_interval=5"]) == 2
+    cap = capsys.readouterr()
+    assert "  batch_size: 4 → 2  (changes the run)\n" in cap.out
+    assert "  lr: 0.003 → 0.001  (changes the run)\n" in cap.out
+    assert "  log_interval: 1 → 5\n" in cap.out
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume: batch_size, lr changed")
+    assert "--resume_changes=allow" in err[0]
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_resume_with_harmless_changes_only_notices_them(ar_copy, capsys):
+    out, args = ar_copy
+    assert train_main(args + ["--resume", "--log_interval=5", "--num_threads=2", "--eval_interval=10"]) == 0
+    cap = capsys.readouterr().out
+    assert "  log_interval: 1 → 5\n" in cap and "  eval_interval: 20 → 10\n" in cap
+    assert "(changes the run)" not in cap and f"resumed from {out} at step 40" in cap
+
+
+def test_resume_changes_allow_continues_with_the_new_values(ar_copy, capsys):
+    out, args = ar_copy
+    assert train_main(args + ["--resume", "--resume_changes=allow", "--lr=0.001", "--max_steps=42"]) == 0
+    assert "  max_steps: 40 → 42  (changes the run)" in capsys.readouterr().out
+    assert json.loads((out / "train_state.json").read_text())["step"] == 42
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["lr"] == 0.001 and saved["max_steps"] == 42
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    rec = [r for r in log if r["kind"] == "resume"]
+    assert len(rec) == 1 and rec[0]["step"] == 40
+    assert rec[0]["changed"]["lr"] == ["0.003", "0.001"] and rec[0]["changed"]["max_steps"] == ["40", "42"]
+
+
+def test_resume_changes_classification(tmp_path):
+    from train.config import RESUME_NOTICE_ONLY, resume_changes
+    cfg = tiny(tmp_path)
+    saved = json.loads(cfg.to_json())
+    assert resume_changes(saved, cfg) == ({}, [])
+    for k in ("batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "max_steps", "seed", "dataset",
+              "max_docs", "n_embd", "block_size", "k_max", "nce_weight", "objective", "init_from", "device", "dtype"):
+        assert k not in RESUME_NOTICE_ONLY, k
+    changed, refused = resume_changes({**saved, "seed": 1, "progress": True, "gone": 1}, cfg)
+    assert changed == {"seed": ("1", "1337"), "progress": ("true", "false"),
+                       "gone": ("1", "(no longer a setting)")} and refused == ["seed"]
+    del saved["head_init"]
+    assert resume_changes(saved, cfg) == ({"head_init": ("(not in the checkpoint)", '"match_norm"')}, [])
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--resume_changes=allow"], "--resume_changes only applies with --resume"),
+    (["--resume", "--resume_changes=maybe"], "--resume_changes must be allow or refuse, got 'maybe'"),
+])
+def test_resume_changes_flag_errors(args, msg, capsys):
+    assert train_main(args) == 2
+    assert msg in capsys.readouterr().err
+
+
+def _drop(name):
+    return lambda d: (d / name).unlink()
+
+
+def _garble(name):
+    return lambda d: (d / name).write_bytes((d / name).read_bytes()[:40])
+
+
+@pytest.mark.parametrize("breaker, msg", [
+    (_drop("optimizer.safetensors"), "holds no resumable checkpoint: missing optimizer.safetensors "
+                                     "(saved with keep_optimizer=false)"),
+    (_drop("train_state.json"), "holds no resumable checkpoint: missing train_state.json"),
+    (_garble("train_state.json"), "cannot read {out}/train_state.json"),
+    (_garble("train_config.json"), "cannot read {out}/train_config.json"),
+    (_garble("optimizer.safetensors"), "cannot read {out}/optimizer.safetensors"),
+    (_garble("model.safetensors"), "cannot read {out}/model.safetensors"),
+    (lambda d: (d / "train_state.json").write_text('{"step": "x"}'), "train_state.json has no valid step"),
+])
+def test_resume_from_a_broken_checkpoint_is_an_error_not_a_restart(ar_copy, capsys, breaker, msg):
+    out, args = ar_copy
+    breaker(out)
+    assert train_main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg.format(out=out) in err[0], err
+
+
+def test_resume_over_a_directory_that_is_not_a_checkpoint_is_an_error(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert train_main(cli_args({**TINY, "data_dir": str(tmp_path / "d"), "out_dir": str(out)}) + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no resumable checkpoint: missing config.json" in err and "found notes.txt" in err
+    assert (out / "notes.txt").read_text() == "precious"
 
 
 # -- bad configs ------------------------------------------------------------------------

@@ -1,20 +1,55 @@
-"""`tmfast generate …` — the command line over the engine."""
+"""`tmfast generate …` / `tmfast serve …` — the command line over the engine.
+
+Every prompt, one or a whole batch file, runs through the continuous-batching `Engine`: prompts
+are read lazily, at most --max-batch run at once, and each result is printed as soon as it and
+every result before it are done (input order). Exit codes: 0 done, 1 a generation failed,
+2 a user mistake (one line on stderr), 130 interrupted (what was printed stays).
+"""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
+import os
 import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import torch
 
 from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
 from .config import ConfigError, GenerationConfig
-from .engine import GenerationError, MaturationEngine, StepEvent
+from .engine import Engine, GenerationError, check_fits, check_impl
 
+DEFAULTS = GenerationConfig()  # the one source of every generation default (Python, HTTP and CLI)
+ENGINE_DEFAULTS = {k: p.default for k, p in inspect.signature(Engine.__init__).parameters.items()}
+GENERATE_MAX_BATCH = 32  # a batch file's throughput grows with the batch on CPU (README, "Throughput")
 
 
 class UsageError(ValueError):
-    pass
+    """A user mistake the CLI finds itself: one line, exit 2."""
+
+
+class GenerationFailed(RuntimeError):
+    """A request ended in error: one line, exit 1."""
+
+
+# -- arguments -------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        self.exit(2, f"tmfast: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: …)" where there is one to show
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        shown = "none" if action.default in ([], ()) else "%(default)s"
+        return f"{text} (default: {shown})"
 
 
 def _finite_float(text: str) -> float:
@@ -27,117 +62,350 @@ def _finite_float(text: str) -> float:
     return v
 
 
+def _int_at_least(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}" + (f" and <= {hi}" if hi else "") + f", got {v}")
+        return v
+    return parse
+
+
+# the GenerationConfig fields the CLI sets, by flag: (flag, type, metavar, help)
+GENERATION_FLAGS = [
+    ("--max-new-tokens", int, "N", "tokens to commit at most"),
+    ("--tail", int, "K", "liquid tail length K (1 = projected AR)"),
+    ("--guidance", _finite_float, "S", "guidance scale s (1 = off)"),
+    ("--alpha-max", _finite_float, "A", "front-slot step size α_max"),
+    ("--alpha-min", _finite_float, "A", "back-slot step size (default: α_max / K)"),
+    ("--embryo-scale", _finite_float, "X", "embryo norm / table radius"),
+    ("--history-noise", _finite_float, "X", "noise norm / R added to committed vectors as the model reads them"),
+    ("--tail-noise", _finite_float, "X",
+     "stochastic dynamics: noise norm / R added to each tail slot per update (× √α)"),
+    ("--seed", int, "N", "embryo and noise seed (every prompt gets this seed)"),
+]
+
+
+def _field(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="DIR", help=f"checkpoint directory (default: the shipped model, "
+                                                       f"{DEFAULT_CHECKPOINT})")
+    p.add_argument("--device", default="cpu", metavar="DEV", help="torch device: cpu, cuda, cuda:N, mps, …")
+    p.add_argument("--compile", action="store_true", help="torch.compile the generation step")
+    p.add_argument("--impl", choices=("auto", "triton", "torch"), default=None,
+                   help="kernel implementation (default: auto — Triton on CUDA, torch elsewhere)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tmfast", description="Token Maturation generation engine")
-    sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text from a prompt")
+    d, e = DEFAULTS, ENGINE_DEFAULTS
+    p = _Parser(prog="tmfast", description="Token Maturation generation engine")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="generate text from a prompt or a file of prompts", formatter_class=_Help,
+                       description="Generate a continuation of a prompt, or of every line of --batch-file "
+                                   "(streamed: results print in input order as they finish).")
     g.add_argument("prompt", nargs="?", help="the prompt (or use --batch-file)")
-    g.add_argument("--checkpoint", help=f"checkpoint directory (default: the shipped model, {DEFAULT_CHECKPOINT})")
-    g.add_argument("--batch-file", help="a file of prompts, one per line (blank lines skipped)")
-    g.add_argument("--max-new-tokens", type=int, default=48)
-    g.add_argument("--tail", type=int, default=16, help="liquid tail length K (1 = projected AR)")
-    g.add_argument("--guidance", type=_finite_float, default=1.0, help="guidance scale s (1 = off)")
-    g.add_argument("--alpha-max", type=_finite_float, default=None, help="front-slot step size α_max")
-    g.add_argument("--embryo-scale", type=_finite_float, default=None, help="embryo norm / table radius")
-    g.add_argument("--history-noise", type=_finite_float, default=None,
-                   help="noise norm / R added to committed vectors as the model reads them")
-    g.add_argument("--tail-noise", type=_finite_float, default=None,
-                   help="stochastic dynamics: noise norm / R added to each tail slot per update (× √α)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--show-tail", action="store_true", help="redraw committed text + the tail's nearest tokens each step")
+    _common(g)
+    g.add_argument("--batch-file", metavar="FILE",
+                   help="a UTF-8 file of prompts, one per line (blank lines skipped), read as it runs")
+    g.add_argument("--max-batch", type=_int_at_least(1), default=GENERATE_MAX_BATCH, metavar="N",
+                   help="sequences stepped together (a batch file's prompts run this many at a time)")
+    for flag, kind, metavar, text in GENERATION_FLAGS:  # defaults: GenerationConfig()'s
+        g.add_argument(flag, type=kind, metavar=metavar, default=getattr(d, _field(flag)), help=text)
+    g.add_argument("--stop", action="append", default=list(d.stop), metavar="STR", help="stop string (repeatable)")
+    g.add_argument("--show-tail", action="store_true",
+                   help="live view of each running sequence: committed text + the tail's nearest tokens")
     g.add_argument("--json", action="store_true", help="print results as JSON lines")
-    g.add_argument("--compile", action="store_true", help="torch.compile the generation step")
-    g.add_argument("--impl", choices=("auto", "triton", "torch"), default=None, help="kernel implementation")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr for a batch file (default: when stderr is a terminal)")
 
-    sv = sub.add_parser("serve", help="serve /v1/completions over HTTP (continuous batching)")
-    sv.add_argument("--checkpoint", help=f"checkpoint directory (default: {DEFAULT_CHECKPOINT})")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch", type=int, default=8, help="sequences stepped together")
-    sv.add_argument("--k-window", type=int, default=16, help="largest tail length a request may ask for")
-    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429s")
-    sv.add_argument("--compile", action="store_true")
-    sv.add_argument("--impl", choices=("auto", "triton", "torch"), default=None)
-    sv.add_argument("--device", default="cpu")
-
+    sv = sub.add_parser("serve", help="serve /v1/completions over HTTP (continuous batching)",
+                        formatter_class=_Help)
+    _common(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=_int_at_least(1, 65535), metavar="N", default=8000, help="port to listen on")
+    sv.add_argument("--max-batch", type=_int_at_least(1), metavar="N", default=e["max_batch"],
+                    help="sequences stepped together")
+    sv.add_argument("--k-window", type=_int_at_least(1), metavar="K", default=e["k_window"],
+                    help="largest tail length a request may ask for (at most the model's k_max)")
+    sv.add_argument("--max-queue", type=_int_at_least(0), metavar="N", default=e["max_queue"],
+                    help="waiting requests before 429s")
     return p
 
 
-def _prompts(args) -> list[str]:
+# -- set-up ----------------------------------------------------------------------------------
+def check_device(text: str) -> torch.device:
+    """The device asked for, or a one-line UsageError: unknown, or not usable on this machine."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"--device {text!r} is not a device (cpu, cuda, cuda:N, mps, …)") from None
+    try:
+        torch.empty(1, device=device)
+    except Exception as e:  # noqa: BLE001 — AssertionError (no CUDA build), RuntimeError (no device) …
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"--device {text}: not available on this machine ({first})") from None
+    return device
+
+
+def _load(args):
+    directory = Path(args.checkpoint) if args.checkpoint is not None else DEFAULT_CHECKPOINT
+    if args.checkpoint is None and not DEFAULT_CHECKPOINT.is_dir():
+        raise CheckpointError(f"no default model installed at {DEFAULT_CHECKPOINT}; pass --checkpoint DIR")
+    try:
+        model, tokenizer = load_checkpoint(directory, device=args.device)
+    except (CheckpointError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 — a corrupt file is the user's mistake, never a traceback
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot load the checkpoint in {directory}: {type(e).__name__}: {first}") from None
+    if tokenizer is None:
+        raise CheckpointError(f"the checkpoint in {directory} has no tokenizer.json; text prompts need one")
+    return model, tokenizer
+
+
+class Prompt(NamedTuple):
+    text: str
+    line: int | None = None  # line number in a batch file
+
+
+def read_prompts(path: Path) -> Iterator[Prompt]:
+    """The non-blank lines of a batch file, read lazily."""
+    try:
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise UsageError(f"line {n}: batch file {path} is not UTF-8 text ({e.reason})") from None
+                if line.strip():
+                    yield Prompt(line, n)
+    except OSError as e:
+        raise UsageError(f"cannot read batch file {path}: {e.strerror or e}") from None
+
+
+def _where(p: Prompt) -> str:
+    return f"line {p.line}: " if p.line is not None else ""
+
+
+def check_prompts(prompts: Iterable[Prompt], model, tokenizer, gen: GenerationConfig) -> tuple[int, int]:
+    """(count, longest in tokens) of the prompts, each checked to fit the model with `gen`
+    before anything runs: a bad line is a one-line error naming it."""
+    count, longest = 0, 0
+    for p in prompts:
+        try:
+            n = len(tokenizer.encode(p.text).ids)
+            if n == 0:
+                raise GenerationError("prompt is empty", "prompt")
+            check_fits(model.config, n, gen)
+        except (GenerationError, ConfigError) as e:
+            raise UsageError(f"{_where(p)}{e}") from None
+        count, longest = count + 1, max(longest, n)
+    return count, longest
+
+
+# -- the stream ------------------------------------------------------------------------------
+@dataclass
+class Result:
+    index: int
+    prompt: str
+    line: int | None
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    error: str | None = None
+
+
+@dataclass
+class _InFlight:
+    index: int
+    prompt: Prompt
+    view: object  # the engine's RequestView
+    steps: int = 0
+
+
+def stream_results(engine: Engine, prompts: Iterable[Prompt | str], gen: GenerationConfig, *,
+                   read_ahead: int | None = None, show_tail: bool = False,
+                   on_step: Callable[[list], None] | None = None) -> Iterator[Result]:
+    """Run `prompts` through `engine`, yielding one Result per prompt in input order as soon as
+    it and all before it are done. Prompts are taken from the iterable only while fewer than
+    engine.max_batch are queued or running and fewer than `read_ahead` (default 4 × max_batch)
+    are taken but not yet yielded: memory stays bounded whatever the input's length. After a
+    request ends in error, the ones before it finish, the ones after it are aborted, and the
+    error result is the last one yielded. on_step(ticks) sees every step (show_tail: with tails)."""
+    from .cli_view import Tick
+    window = read_ahead or 4 * engine.max_batch
+    source = iter(prompts)
+    exhausted, taken, yielded = False, 0, 0
+    inflight: dict[str, _InFlight] = {}
+    done: dict[int, Result] = {}
+    failed_at: int | None = None
+    decode = engine.tokenizer.decode
+    try:
+        while True:
+            while (not exhausted and failed_at is None and taken - yielded < window
+                   and engine.num_running + engine.num_queued < engine.max_batch):
+                p = next(source, None)
+                if p is None:
+                    exhausted = True
+                    break
+                p = Prompt(p) if isinstance(p, str) else p
+                rid = f"cli-{taken}"
+                try:
+                    engine.add_request(p.text, gen, request_id=rid, return_tail=show_tail,
+                                       track_text=True if on_step is not None else None)
+                except (GenerationError, ConfigError) as e:
+                    raise UsageError(f"{_where(p)}{e}") from None
+                inflight[rid] = _InFlight(taken, p, engine.request(rid))
+                taken += 1
+            if not engine.has_work:
+                return
+            try:
+                events = engine.step()
+            except RuntimeError as e:  # the batch's step itself failed (say, out of device memory)
+                raise GenerationFailed(f"generation step failed: {type(e).__name__}: {_one_line(e)}") from None
+            ticks = []
+            for ev in events:
+                item = inflight.get(ev.request_id)
+                if item is None:  # an abort's last event
+                    continue
+                if on_step is not None:
+                    tail = [decode([t]) for t in (ev.tail_tokens or [])[1:]]
+                    ticks.append(Tick(item.index, item.prompt.text, item.steps, item.view.text, tail, ev.finished))
+                item.steps += 1
+                if not ev.finished:
+                    continue
+                del inflight[ev.request_id]
+                v = item.view
+                error = (ev.error or "generation failed") if ev.finish_reason == "error" else None
+                done[item.index] = Result(item.index, item.prompt.text, item.prompt.line, v.text, v.token_ids,
+                                          ev.finish_reason, error)
+                if error is not None and (failed_at is None or item.index < failed_at):
+                    failed_at = item.index
+                    for rid, other in list(inflight.items()):
+                        if other.index > failed_at:
+                            engine.abort(rid)
+                            del inflight[rid]
+                    for i in [i for i in done if i > failed_at]:
+                        del done[i]
+            if on_step is not None:
+                on_step(ticks)
+            while yielded in done:
+                r = done.pop(yielded)
+                yielded += 1
+                yield r
+                if r.error is not None:
+                    return
+    finally:  # a consumer that stops early (an error, ^C) leaves nothing running
+        for rid in inflight:
+            engine.abort(rid)
+
+
+# -- commands --------------------------------------------------------------------------------
+def _gen_config(args) -> GenerationConfig:
+    values = {_field(flag): getattr(args, _field(flag)) for flag, *_ in GENERATION_FLAGS}
+    return DEFAULTS.overriding(**values, stop=tuple(args.stop))
+
+
+def _format(r: Result, as_json: bool) -> str:
+    if not as_json:
+        return r.prompt + r.text
+    row = {"index": r.index, "prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
+           "finish_reason": r.finish_reason}
+    if r.line is not None:
+        row["line"] = r.line
+    if r.error is not None:
+        row["error"] = r.error
+    return json.dumps(row)
+
+
+def cmd_generate(args, out=None, err=None) -> int:
+    from rich.console import Console
+
+    from .cli_view import LiveTailView, PlainTailView, make_progress
+    out, err = out or sys.stdout, err or sys.stderr
+    # everything that can be checked before the (slower) model load
     if args.batch_file is not None:
         if args.prompt is not None:
             raise UsageError("give a prompt or --batch-file, not both")
         path = Path(args.batch_file)
         if not path.is_file():
             raise UsageError(f"batch file not found: {path}")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise UsageError(f"batch file has no prompts: {path}")
-        return prompts
-    if args.prompt is None or not args.prompt.strip():
-        raise UsageError("prompt is empty")
-    return [args.prompt]
-
-
-def _load(args):
-    if args.checkpoint is not None:
-        return load_checkpoint(args.checkpoint, device=args.device)
-    if not DEFAULT_CHECKPOINT.is_dir():
-        raise CheckpointError(f"no default model installed at {DEFAULT_CHECKPOINT}; pass --checkpoint DIR")
-    return load_checkpoint(DEFAULT_CHECKPOINT, device=args.device)
-
-
-def _live_view(engine: MaturationEngine, prompts: list[str], out):
-    tty = out.isatty()
-
-    def draw(ev: StepEvent):
-        lines = []
-        for b, text in enumerate(ev.texts):
-            # slot 0 is the token just committed; the rest are still liquid
-            tail = "" if not ev.tail_tokens or not ev.tail_tokens[b] else " ".join(
-                repr(engine.decode([t])) for t in ev.tail_tokens[b][1:])
-            lines.append(f"[{ev.step:4d}] {prompts[b]}{text}  ⟨{tail}⟩")
-        if tty:
-            out.write("\x1b[H\x1b[J" + "\n".join(lines) + "\n")
-        else:
-            out.write("\n".join(lines) + "\n")
-        out.flush()
-    return draw
-
-
-def cmd_generate(args, out=None) -> int:
-    out = out or sys.stdout
-    prompts = _prompts(args)
-    # validates before the (slower) model load
-    gen = GenerationConfig().overriding(
-        max_new_tokens=args.max_new_tokens, tail=args.tail, guidance=args.guidance, seed=args.seed,
-        stop=tuple(args.stop), alpha_max=args.alpha_max, embryo_scale=args.embryo_scale,
-        history_noise=args.history_noise, tail_noise=args.tail_noise)
+        source = lambda: read_prompts(path)  # noqa: E731 — read twice: checked, then run
+    else:
+        if args.prompt is None:
+            raise UsageError("give a prompt or --batch-file")
+        if not args.prompt.strip():
+            raise UsageError("prompt is empty")
+        source = lambda: iter([Prompt(args.prompt)])  # noqa: E731
+    gen = _gen_config(args)
+    device = check_device(args.device)
+    check_impl(args.impl, device)
     model, tokenizer = _load(args)
-    if tokenizer is None:
-        raise CheckpointError("the checkpoint has no tokenizer.json; text prompts need one")
-    engine = MaturationEngine(model, tokenizer, compile=args.compile, impl=args.impl)
-    on_step = _live_view(engine, prompts, out) if args.show_tail else None
-    results = engine.generate(prompts, gen, on_step=on_step, show_tail=args.show_tail)
-    for prompt, r in zip(prompts, results):
-        if args.json:
-            out.write(json.dumps({"prompt": prompt, "text": r.text, "token_ids": r.token_ids,
-                                  "finish_reason": r.finish_reason}) + "\n")
+    total, longest = check_prompts(source(), model, tokenizer, gen)
+    if total == 0:
+        raise UsageError(f"batch file has no prompts: {args.batch_file}")
+    batch = min(args.max_batch, total)
+    engine = Engine(model, tokenizer, max_batch=batch, max_queue=batch, k_window=gen.tail,
+                    max_len=longest + gen.max_new_tokens + gen.tail - 1, compile=args.compile, impl=args.impl,
+                    track_text=args.show_tail)
+
+    out_tty, err_tty = out.isatty(), err.isatty()
+    finished, view = 0, None
+
+    def status() -> str:
+        return (f"tmfast generate · {finished}/{total} done · {engine.num_running} running"
+                f" · {engine.num_queued} queued")
+    if args.show_tail:
+        view = LiveTailView(Console(file=out, highlight=False), status) if out_tty else PlainTailView(out)
+    bar = args.progress if args.progress is not None else (err_tty and args.batch_file is not None)
+    if isinstance(view, LiveTailView):
+        bar = False  # the live view counts what is done in its status line
+    progress = task = None
+    if bar:  # on stderr; when stdout is the same terminal, results print above it (one console)
+        console = Console(file=out if (out_tty and err_tty) else err,
+                          force_terminal=True if args.progress else None)
+        progress, task = make_progress(console, total)
+
+    def emit(line: str) -> None:
+        if view is not None:
+            view.print(line)
+        elif progress is not None and progress.console.file is out:
+            progress.console.print(line, soft_wrap=True, markup=False, highlight=False, emoji=False)
         else:
-            out.write(prompt + r.text + "\n")
+            out.write(line + "\n")
+            out.flush()
+
+    failure = None
+    with (view or nullcontext()), (progress or nullcontext()):
+        for r in stream_results(engine, source(), gen, show_tail=args.show_tail,
+                                on_step=view.update if view is not None else None):
+            if r.error is not None:
+                failure = f"{_where(Prompt(r.prompt, r.line))}generation failed: {r.error}"
+                if args.json:
+                    emit(_format(r, True))
+                break
+            finished += 1
+            emit(_format(r, args.json))
+            if progress is not None:
+                progress.update(task, completed=finished)
+    if failure is not None:
+        raise GenerationFailed(failure)
     return 0
 
 
 def cmd_serve(args) -> int:
-    from .engine import Engine
     from .server import serve
-    if not 1 <= args.port <= 65535:
-        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    device = check_device(args.device)
+    check_impl(args.impl, device)
     model, tokenizer = _load(args)
-    if tokenizer is None:
-        raise CheckpointError("the checkpoint has no tokenizer.json; the server needs one")
+    if args.k_window > model.config.k_max:
+        raise UsageError(f"--k-window must be <= the model's k_max={model.config.k_max}, got {args.k_window}")
     engine = Engine(model, tokenizer, max_batch=args.max_batch, k_window=args.k_window,
                     max_queue=args.max_queue, compile=args.compile, impl=args.impl)
     name = Path(args.checkpoint).name if args.checkpoint else "tmfast-default"
@@ -145,20 +413,31 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return cmd_generate(args)
-        if args.command == "serve":
-            return cmd_serve(args)
+        return cmd_serve(args)
     except (UsageError, ConfigError, GenerationError, CheckpointError) as e:
-        print(f"tmfast: error: {e}", file=sys.stderr)
+        print(f"tmfast: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except GenerationFailed as e:
+        print(f"tmfast: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tmfast: interrupted", file=sys.stderr)
         return 130
-    return 1
+    except BrokenPipeError:  # `tmfast generate … | head`: the reader left; no traceback at exit either
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
 
 
 if __name__ == "__main__":

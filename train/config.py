@@ -244,17 +244,48 @@ def config_from(file: str | None = None, overrides: dict | None = None) -> Train
         raise ConfigError(str(e)) from None
 
 
-USAGE = """usage: python -m train [--config FILE] [--resume] [--key=value ...]
+# Settings --resume may change with a notice: where and how often the run is logged, evaluated
+# and saved, and how many threads compute it — not what it computes. Any other change (data,
+# model, objective, optimiser, schedule incl. max_steps, seed, device, dtype) is refused
+# unless --resume_changes=allow.
+RESUME_NOTICE_ONLY = frozenset({"out_dir", "data_dir", "num_proc", "num_threads", "compile", "progress",
+                                "log_interval", "eval_interval", "eval_iters", "ckpt_interval",
+                                "keep_optimizer"})
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """The checkpoint's train_config.json against the new settings: ({key: (old, new) as JSON},
+    [keys whose change is refused]). A key only one side knows (a setting added or removed since
+    the checkpoint was written) is listed, not refused."""
+    now = json.loads(cfg.to_json())
+    changed, refused = {}, []
+    for k in list(now) + [k for k in saved if k not in now]:
+        if k in saved and k in now and saved[k] == now[k]:
+            continue
+        old = json.dumps(saved[k]) if k in saved else "(not in the checkpoint)"
+        new = json.dumps(now[k]) if k in now else "(no longer a setting)"
+        changed[k] = (old, new)
+        if k in saved and k in now and k not in RESUME_NOTICE_ONLY:
+            refused.append(k)
+    return changed, refused
+
+
+USAGE = """usage: python -m train [--config FILE] [--resume [--resume_changes=allow]] [--key=value ...]
        torchrun --nproc_per_node=N -m train [same arguments]
 
   --config FILE   JSON file of training settings (see train/configs/)
-  --resume        continue from the checkpoint in out_dir (model, optimiser, schedule, RNG, data position)
+  --resume        continue from the checkpoint in out_dir (model, optimiser, schedule, RNG, data position);
+                  a new (missing or empty) out_dir starts at step 0, anything else not resumable is an error
+  --resume_changes=allow
+                  let --resume change settings that change the run (lr, batch_size, max_steps, ...);
+                  by default those are refused (harmless ones such as log_interval only print a notice)
   --key=value     override any setting, e.g. --max_steps=200 --lr=3e-4 --objective=maturation
 """
 
 
-def parse_args(argv: list[str]) -> tuple[TrainConfig, bool]:
-    file, resume, overrides = None, False, {}
+def parse_args(argv: list[str]) -> tuple[TrainConfig, bool, bool]:
+    """(settings, --resume, --resume_changes=allow)."""
+    file, resume, allow, overrides = None, False, None, {}
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -263,6 +294,15 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, bool]:
             raise SystemExit(0)
         if a == "--resume":
             resume = True
+        elif a.split("=", 1)[0].replace("-", "_") == "__resume_changes":
+            if "=" in a:
+                val = a.split("=", 1)[1]
+            else:
+                i += 1
+                val = argv[i] if i < len(argv) else ""
+            if val not in ("allow", "refuse"):
+                raise ConfigError(f"--resume_changes must be allow or refuse, got {val!r}")
+            allow = val == "allow"
         elif a == "--config" or a.startswith("--config="):
             if "=" in a:
                 file = a.split("=", 1)[1]
@@ -284,4 +324,6 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, bool]:
         else:
             raise ConfigError(f"unexpected argument {a!r}\n{USAGE}")
         i += 1
-    return config_from(file, overrides), resume
+    if allow is not None and not resume:
+        raise ConfigError("--resume_changes only applies with --resume")
+    return config_from(file, overrides), resume, bool(allow)

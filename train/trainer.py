@@ -3,8 +3,8 @@
     python -m train --config train/configs/ar_kjv.json [--key=value ...] [--resume]
     torchrun --nproc_per_node=2 -m train --config ... (same arguments)
 
-out_dir is one tmfast checkpoint directory (the engine loads it as is), replaced
-atomically at every checkpoint:
+out_dir is one tmfast checkpoint directory (the engine loads it as is), replaced at every
+checkpoint by tmfast.checkpoint.save_checkpoint (a kill at any point leaves a complete one):
     config.json model.safetensors tokenizer.json      the model (tmfast.checkpoint)
     train_config.json                                  every training setting
     train_log.jsonl                                    one record per log step and per eval
@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -25,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from tmfast.checkpoint import CONFIG_NAME, load_checkpoint, save_checkpoint
+from tmfast.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint, recover_checkpoint,
+                               save_checkpoint)
 from tmfast.config import ConfigError, ModelConfig
 from tmfast.model import TMModel
 
 from . import data as data_mod
-from .config import TrainConfig, parse_args
+from .config import TrainConfig, parse_args, resume_changes
 from .objectives import Objective, plan_step, summarise
 
 # Tests set TMFAST_TRAIN_KILL_AT_STEP to SIGKILL the process right after that optimiser step.
@@ -218,6 +218,20 @@ def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, scalars
 
 
+def load_optimizer(opt: torch.optim.Optimizer, path: Path, scalars: dict) -> None:
+    """optimizer.safetensors + the scalars of train_state.json → opt; a one-line CheckpointError."""
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # SafetensorError (truncated, corrupt), OSError
+        raise CheckpointError(f"--resume: cannot read {path}: {_first_line(e)}") from None
+    try:
+        optimizer_from_files(opt, tensors, scalars)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"--resume: {path} does not fit this model's optimiser: "
+                              f"{_first_line(e)}") from None
+
+
 def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict, scalars: dict) -> None:
     state = {}
     for idx, extra in scalars["state"].items():
@@ -235,35 +249,74 @@ def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict, scalars: dic
 # ------------------------------------------------------------------------------------
 def write_checkpoint(out_dir: Path, model, tokenizer, cfg: TrainConfig, log: list[dict], state: dict,
                      opt=None) -> None:
-    """Everything goes into a staging dir first, then replaces out_dir by renames."""
+    """One save_checkpoint: a kill at any point of it leaves a complete checkpoint (tmfast.checkpoint)."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    extra = {TRAIN_CONFIG_NAME: cfg.to_json(), LOG_NAME: "".join(json.dumps(r) + "\n" for r in log)}
-    save_checkpoint(model, staging, tokenizer, extra_files=extra)
-    plot_curve(log, staging / CURVE_NAME, title=f"{cfg.objective} — {out_dir.name}")
+    extra = {TRAIN_CONFIG_NAME: cfg.to_json(), LOG_NAME: "".join(json.dumps(r) + "\n" for r in log),
+             CURVE_NAME: lambda p: plot_curve(log, p, title=f"{cfg.objective} — {out_dir.name}")}
     if opt is not None:
         tensors, scalars = optimizer_to_files(opt)
-        save_file(tensors, str(staging / OPTIM_NAME))
+        extra[OPTIM_NAME] = lambda p: save_file(tensors, str(p))
         state = {**state, "optimizer": scalars}
-    (staging / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")  # written last: marks complete
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    extra[STATE_NAME] = json.dumps(state, indent=1) + "\n"
+    save_checkpoint(model, out_dir, tokenizer, extra_files=extra)
 
 
-def resumable_dir(out_dir: Path) -> Path | None:
-    """out_dir if it holds a complete checkpoint, else the previous one a kill left behind."""
-    for d in (out_dir, out_dir.with_name(f".{out_dir.name}.old")):
-        if (d / STATE_NAME).is_file() and (d / OPTIM_NAME).is_file():
-            return d
-    return None
+RESUME_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAIN_CONFIG_NAME, LOG_NAME, STATE_NAME, OPTIM_NAME)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].strip()
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"--resume: cannot read {path}: {_first_line(e)}") from None
+
+
+def find_resume(out_dir: Path, cfg: TrainConfig, allow_changes: bool, dist: Dist, say) -> dict | None:
+    """What --resume continues from. None: out_dir is new (does not exist or is empty), the run
+    starts at step 0. A checkpoint that is not resumable, or settings that would change the run
+    (see train.config.RESUME_NOTICE_ONLY), raise (exit 2) instead of a silent restart."""
+    if dist.master:  # finish or undo a save a kill interrupted, remove killed saves' temp dirs
+        for line in recover_checkpoint(out_dir):
+            say(f"--resume: {line}")
+    dist.barrier()
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        say(f"--resume: no checkpoint in {out_dir} yet (a new run); starting at step 0")
+        return None
+    if not out_dir.is_dir():
+        raise ConfigError(f"--resume: out_dir {out_dir} is not a directory")
+    missing = [n for n in RESUME_FILES if not (out_dir / n).is_file()]
+    if missing:
+        found = ", ".join(sorted(p.name for p in out_dir.iterdir())[:8])
+        why = " (saved with keep_optimizer=false)" if missing == [OPTIM_NAME] else ""
+        raise ConfigError(f"--resume: {out_dir} holds no resumable checkpoint: missing {', '.join(missing)}{why}; "
+                          f"found {found}. Refusing to start over it at step 0: drop --resume to overwrite it, "
+                          f"or choose another out_dir")
+    state = _read_json(out_dir / STATE_NAME)
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0
+            and isinstance(state.get("optimizer"), dict)):
+        raise CheckpointError(f"--resume: {out_dir / STATE_NAME} has no valid step / optimizer state")
+    saved = _read_json(out_dir / TRAIN_CONFIG_NAME)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"--resume: {out_dir / TRAIN_CONFIG_NAME} is not a JSON object")
+    world, dev = state.get("world_size", 1), state.get("device", dist.device.type)
+    if (world, dev) != (dist.world, dist.device.type):  # DDP is exact across world sizes; devices round apart
+        say(f"--resume: the checkpoint was written by {world} process(es) on {dev}; this run: {dist.world} on "
+            f"{dist.device.type}" + (" (equal up to rounding, not bit for bit)" if dev != dist.device.type else ""))
+    changed, refused = resume_changes(saved, cfg)
+    if changed:
+        say(f"--resume: settings differ from the checkpoint's ({TRAIN_CONFIG_NAME}, step {state['step']}):")
+        for k, (a, b) in changed.items():
+            say(f"  {k}: {a} → {b}" + ("  (changes the run)" if k in refused else ""))
+    if refused and not allow_changes:
+        raise ConfigError(f"--resume: {', '.join(refused)} changed: the continued run would not be the "
+                          f"checkpoint's run (data, model, objective, optimiser, schedule or seed); "
+                          f"pass --resume_changes=allow to continue with the new values anyway")
+    return {"state": state, "changed": changed}
 
 
 def plot_curve(log: list[dict], path: Path, title: str = "") -> None:
@@ -322,18 +375,16 @@ def evaluate(objective, cfg: TrainConfig, shards, dist: Dist, amp, d: int, vocab
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg, resume = parse_args(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return train(cfg, resume, argv)
-    except ConfigError as e:  # includes DataError
+        cfg, resume, allow_changes = parse_args(argv)
+        return train(cfg, resume, argv, allow_changes=allow_changes)
+    except (ConfigError, CheckpointError) as e:  # ConfigError includes DataError
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -> int:
+def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
+          allow_changes: bool = False) -> int:
+    """allow_changes: --resume may change settings that change the run (--resume_changes=allow)."""
     t_start = time.time()
     dist = Dist(cfg)
     if cfg.num_threads:
@@ -344,6 +395,7 @@ def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None)
     say = print if dist.master else (lambda *a, **k: None)
     say(f"tmfast train: {cfg.objective}, {dist.world} process(es) on {dist.device}")
     say("config:\n" + "\n".join(f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items()))
+    found = find_resume(out_dir, cfg, allow_changes, dist, say) if resume else None
 
     # -- data and tokenizer -------------------------------------------------------------
     init_tok = _initial_tokenizer(cfg)
@@ -360,9 +412,7 @@ def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None)
     # -- model, optimiser, state ------------------------------------------------------
     log: list[dict] = []
     step, elapsed_before = 0, 0.0
-    src = resumable_dir(out_dir) if resume else None
-    if resume and src is None:
-        say(f"--resume: no resumable checkpoint in {out_dir}; starting fresh")
+    src = out_dir if found is not None else None
     if src is not None:
         model, _ = load_checkpoint(src)
         model.train()
@@ -378,11 +428,16 @@ def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None)
         say(f"vector head: identity × {scale:.4f} (R / mean ‖h‖ on a training batch)")
     opt = make_optimizer(model, cfg, dist.device)
     if src is not None:
-        from safetensors.torch import load_file
-        state = json.loads((src / STATE_NAME).read_text())
-        optimizer_from_files(opt, load_file(str(src / OPTIM_NAME)), state["optimizer"])
+        state = found["state"]
+        load_optimizer(opt, src / OPTIM_NAME, state["optimizer"])
         step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
-        log = [json.loads(line) for line in (src / LOG_NAME).read_text().splitlines() if line.strip()]
+        try:
+            log = [json.loads(line) for line in (src / LOG_NAME).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"--resume: cannot read {src / LOG_NAME}: {_first_line(e)}") from None
+        if found["changed"]:
+            log.append({"kind": "resume", "step": step,
+                        "changed": {k: [a, b] for k, (a, b) in found["changed"].items()}})
         say(f"resumed from {src} at step {step}")
     say(f"model: {model.num_params() / 1e6:.2f}M parameters "
         f"({model.num_params(trainable_only=True) / 1e6:.2f}M trainable), {json.dumps(model.config.to_dict())}")
@@ -405,7 +460,8 @@ def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None)
     def checkpoint(final: bool = False):
         if dist.master:
             st = {"step": step, "elapsed_s": elapsed_before + time.time() - t_start, "final": final,
-                  "argv": list(argv or []), "world_size": dist.world, "seed": cfg.seed}
+                  "argv": list(argv or []), "world_size": dist.world, "device": dist.device.type,
+                  "seed": cfg.seed}
             write_checkpoint(out_dir, model, tokenizer, cfg, log, st, opt if cfg.keep_optimizer else None)
         dist.barrier()
 
