@@ -147,3 +147,23 @@ def test_a_closed_batch_engine_keeps_working_after_a_failed_generation(model):
     first = eng.generate([PROMPTS[0], PROMPTS[2]], [VALID[0], VALID[2]])
     assert [r.token_ids for r in first] == [solo(model, 0), solo(model, 2)]
     assert all(r.finish_reason == "length" for r in first)
+
+
+def test_ending_the_running_requests_never_raises_and_leaves_a_clean_batch(model):
+    """If freeing a slot fails after a failed step, every slot is reset and scrubbed; later
+    requests give their solo answers."""
+    engine = Engine(model, max_batch=2, max_len=64, k_window=8)
+    ids = [engine.add_request(PROMPTS[i], VALID[i]) for i in (0, 1)]
+    engine.step()
+    real = engine._batch.release
+
+    def broken(*a, **kw):  # fault injection: the slot cannot be freed
+        raise RuntimeError("device lost")
+    engine._batch.release = broken
+    ended = engine.fail_running("engine step failed")
+    engine._batch.release = real
+    assert sorted(e.request_id for e in ended) == sorted(ids) and all(e.finish_reason == "error" for e in ended)
+    assert not engine.has_work and engine._batch.n_active == 0
+    later = [engine.add_request(PROMPTS[i], VALID[i]) for i in (2, 3)]
+    events = list(engine.run())
+    assert [tokens_of(events, r) for r in later] == [solo(model, 2), solo(model, 3)]

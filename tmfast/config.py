@@ -53,6 +53,13 @@ class ModelConfig:
             raise ConfigError(f"film must be 'every_block' or 'input', got {self.film!r}", "film")
         if not (self.table_radius > 0 and math.isfinite(self.table_radius)):
             raise ConfigError(f"table_radius must be positive and finite, got {self.table_radius!r}", "table_radius")
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}", "layer_norm_epsilon")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}", "dropout")
+        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
+            raise ConfigError(f"eos_token_id {self.eos_token_id} is outside the vocabulary (size {self.vocab_size})",
+                              "eos_token_id")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

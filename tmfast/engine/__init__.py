@@ -12,13 +12,13 @@
 from .closed import GenerationResult, MaturationEngine, StepEvent
 from .continuous import Engine, RequestEvent, RequestView, check_impl
 from .noise import EmbryoStream
-from .requests import GenerationError, QueueFullError, Sequence, check_fits, prompt_vectors
+from .requests import GenerationError, QueueFullError, Sequence, check_fits, max_prompt_chars, prompt_ids, prompt_vectors
 from .slots import DecodeBatch, SlotInfo, StepOutput
 from .step import SlotTensors, StepDraws, decode_step, decode_step_tensors, prefill, step_tensors, step_window
 
 __all__ = [
     "DecodeBatch", "EmbryoStream", "Engine", "GenerationError", "GenerationResult", "MaturationEngine",
     "QueueFullError", "RequestEvent", "RequestView", "Sequence", "SlotInfo", "SlotTensors", "StepDraws",
-    "StepEvent", "StepOutput", "check_fits", "check_impl", "decode_step", "decode_step_tensors", "prefill",
-    "prompt_vectors", "step_tensors", "step_window",
+    "StepEvent", "StepOutput", "check_fits", "check_impl", "decode_step", "decode_step_tensors", "max_prompt_chars",
+    "prefill", "prompt_ids", "prompt_vectors", "step_tensors", "step_window",
 ]

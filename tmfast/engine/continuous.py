@@ -270,13 +270,23 @@ class Engine:
         return ev
 
     def fail_running(self, message: str) -> list[RequestEvent]:
-        """End every running request with an error (after a failed step); queued ones stay."""
+        """End every running request with an error (after a failed step); queued ones stay.
+        Never raises: if freeing a slot fails too, every slot is reset and scrubbed."""
         events = []
         for slot in sorted(self._running, reverse=True):
             r = self._running[slot]
             r.seq.finish_reason = "error"
             events.append(RequestEvent(r.seq.id, [], "", True, "error", error=message))
-            self._release(slot)
+            try:
+                self._release(slot)
+            except Exception:  # noqa: BLE001 — the batch state is in doubt: start it over
+                self._running.pop(slot, None)
+        if self._running or self._batch.n_active:
+            for r in self._running.values():
+                r.seq.finish_reason = "error"
+                events.append(RequestEvent(r.seq.id, [], "", True, "error", error=message))
+            self._running.clear()
+            self._batch.reset()
         return events
 
     def run(self) -> Iterator[RequestEvent]:

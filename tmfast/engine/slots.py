@@ -163,6 +163,14 @@ class DecodeBatch:
         return moved
 
     @torch.no_grad()
+    def reset(self) -> None:
+        """Free and scrub every slot (after a failure that leaves the batch state in doubt)."""
+        for slot in range(self.max_batch):
+            self.scrub(slot)
+            self.info[slot] = None
+        self.n_active = 0
+
+    @torch.no_grad()
     def scrub(self, slot: int) -> None:
         """Zero a slot's cache row (every layer, every slot) and its state rows."""
         self.cache.zero_row(slot)
