@@ -28,11 +28,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[1]
 
 
+# each checkout's own shipped model, by its path in the checkout (the other checkout may predate
+# tmfast.checkpoint.SHIPPED, so the path is spelled out here rather than imported)
+CHECKOUT_MODEL = Path("tmfast") / "assets" / "maturation"
+
+
 def child_tokens(out: str) -> None:
     import torch
     torch.set_num_threads(1)
     from tmfast import GenerationConfig, MaturationEngine, load_checkpoint
-    model, _ = load_checkpoint(Path.cwd() / "tmfast" / "assets" / "maturation")
+    model, _ = load_checkpoint(Path.cwd() / CHECKOUT_MODEL)
     prompts = torch.randint(0, model.config.vocab_size, (50, 24), generator=torch.Generator().manual_seed(0)).tolist()
     res = {}
     for K, s, a, tn, comp in itertools.product((1, 16), (1.0, 2.0), (1.0, 0.5), (0.0, 0.4), (False, True)):
@@ -50,7 +55,7 @@ def child_step(B: int, a: float, comp: bool) -> None:
     import torch
     torch.set_num_threads(1)
     from tmfast import GenerationConfig, MaturationEngine, load_checkpoint
-    model, _ = load_checkpoint(Path.cwd() / "tmfast" / "assets" / "maturation")
+    model, _ = load_checkpoint(Path.cwd() / CHECKOUT_MODEL)
     prompts = torch.randint(0, model.config.vocab_size, (B, 32), generator=torch.Generator().manual_seed(0)).tolist()
     g = GenerationConfig(max_new_tokens=64, tail=16, alpha_max=a, seed=0, stop_at_eos=False)
     eng = MaturationEngine(model, compile=comp)
