@@ -20,12 +20,16 @@ from tmfast.cli_view import Tick, render_table
 from tmfast.engine import Engine
 
 
+def tiny_checkpoint(tmp_path_factory, name: str, n_positions: int) -> str:
+    tok = byte_tokenizer()
+    path = tmp_path_factory.mktemp("ck") / name
+    save_checkpoint(tiny_model(vocab_size=tok.get_vocab_size(), n_positions=n_positions), path, tokenizer=tok)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    tok = byte_tokenizer()
-    path = tmp_path_factory.mktemp("ck") / "tiny"
-    save_checkpoint(tiny_model(vocab_size=tok.get_vocab_size(), n_positions=64), path, tokenizer=tok)
-    return str(path)
+    return tiny_checkpoint(tmp_path_factory, "tiny", 64)
 
 
 def run(args, capsys):
@@ -125,10 +129,7 @@ def test_forced_triton_without_a_gpu_is_a_one_line_error(ckpt):
 @pytest.fixture(scope="module")
 def wide_ckpt(tmp_path_factory):
     """Context 128: room for the default max_new_tokens (64) and K=16."""
-    tok = byte_tokenizer()
-    path = tmp_path_factory.mktemp("ck") / "wide"
-    save_checkpoint(tiny_model(vocab_size=tok.get_vocab_size(), n_positions=128), path, tokenizer=tok)
-    return str(path)
+    return tiny_checkpoint(tmp_path_factory, "wide", 128)
 
 
 def run_any(args, capsys):

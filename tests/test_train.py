@@ -245,8 +245,7 @@ def test_resume_after_sigkill_is_exact(work, resume_common, resume_ref):
     common = resume_common
     ref = resume_ref
     out = work / "res_kill"
-    args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in common.items()]
-    args.append(f"--out_dir={out}")
+    args = cli_args(common) + [f"--out_dir={out}"]
     p = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, capture_output=True, text=True,
                        env={**env(), "TMFAST_TRAIN_KILL_AT_STEP": "7"}, timeout=120)
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
@@ -255,13 +254,7 @@ def test_resume_after_sigkill_is_exact(work, resume_common, resume_ref):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {out} at step 4" in r.stdout
-    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    key = lambda e: [(x["step"], x["val_loss"], x["train_loss"]) for x in e]  # noqa: E731
-    assert key(evals(ref)) == key(evals(out)) and [x["step"] for x in evals(out)] == [6, 12]
-    oa, ob = load_file(str(ref / "optimizer.safetensors")), load_file(str(out / "optimizer.safetensors"))
-    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+    assert_same_run(ref, out)
 
 
 # Kills inside checkpoint saves (tmfast.checkpoint's named points), one run after another on
