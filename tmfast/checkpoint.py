@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import ModelConfig, one_line
 from .model import TMModel
 from .table import normalise_rows
 
@@ -197,11 +197,6 @@ def save_checkpoint(model: TMModel, directory: str | os.PathLike, tokenizer=None
 # ------------------------------------------------------------------------------------
 # loading
 # ------------------------------------------------------------------------------------
-def _one_line(e: BaseException) -> str:
-    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 _REQUIRED = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")  # the shapes: no default fits
 
 
@@ -237,7 +232,7 @@ def _device(device, dtype) -> tuple[torch.device, torch.dtype | None]:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"bad device {device!r}: {_one_line(e)}") from None
+        raise CheckpointError(f"bad device {device!r}: {one_line(e)}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise CheckpointError(f"device {device!r}: CUDA is not available here")
@@ -276,7 +271,7 @@ def load_tokenizer(directory: str | os.PathLike):
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for bad JSON
-        raise CheckpointError(f"cannot read {path}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot read {path}: {one_line(e)}") from None
 
 
 def load_checkpoint(directory: str | os.PathLike, device="cpu", dtype=None) -> tuple[TMModel, object]:
@@ -292,18 +287,18 @@ def load_checkpoint(directory: str | os.PathLike, device="cpu", dtype=None) -> t
     try:
         raw = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {cfg_path}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot read {cfg_path}: {one_line(e)}") from None
     _check_config(raw, cfg_path)
     try:
         cfg = ModelConfig.from_dict(raw)
         model = TMModel(cfg)
     except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"bad {CONFIG_NAME} in {directory}: {_one_line(e)}") from None
+        raise CheckpointError(f"bad {CONFIG_NAME} in {directory}: {one_line(e)}") from None
     weights = directory / WEIGHTS_NAME
     try:
         state = load_file(str(weights))
     except Exception as e:  # SafetensorError (truncated, bad header), OSError
-        raise CheckpointError(f"cannot read {weights}: {_one_line(e)} (truncated or corrupt?)") from None
+        raise CheckpointError(f"cannot read {weights}: {one_line(e)} (truncated or corrupt?)") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -316,7 +311,7 @@ def load_checkpoint(directory: str | os.PathLike, device="cpu", dtype=None) -> t
     try:
         model.to(device=dev, dtype=dtype)
     except (RuntimeError, AssertionError) as e:
-        raise CheckpointError(f"cannot move the model to {device!r}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot move the model to {device!r}: {one_line(e)}") from None
     return model.eval(), tokenizer
 
 

@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import torch
 
 from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
-from .config import ConfigError, GenerationConfig
-from .engine import Engine, GenerationError, check_fits, check_impl
+from .config import ConfigError, GenerationConfig, one_line
+from .engine import Engine, GenerationError, check_fits, check_impl, max_prompt_chars, prompt_ids
 
 DEFAULTS = GenerationConfig()  # the one source of every generation default (Python, HTTP and CLI)
 ENGINE_DEFAULTS = {k: p.default for k, p in inspect.signature(Engine.__init__).parameters.items()}
@@ -196,12 +196,11 @@ def _where(p: Prompt) -> str:
 def check_prompts(prompts: Iterable[Prompt], model, tokenizer, gen: GenerationConfig) -> tuple[int, int]:
     """(count, longest in tokens) of the prompts, each checked to fit the model with `gen`
     before anything runs: a bad line is a one-line error naming it."""
+    max_chars = max_prompt_chars(model, tokenizer)
     count, longest = 0, 0
     for p in prompts:
         try:
-            n = len(tokenizer.encode(p.text).ids)
-            if n == 0:
-                raise GenerationError("prompt is empty", "prompt")
+            n = len(prompt_ids(model, tokenizer, p.text, max_chars))  # the engine's own prompt checks
             check_fits(model.config, n, gen)
         except (GenerationError, ConfigError) as e:
             raise UsageError(f"{_where(p)}{e}") from None
@@ -268,7 +267,7 @@ def stream_results(engine: Engine, prompts: Iterable[Prompt | str], gen: Generat
             try:
                 events = engine.step()
             except RuntimeError as e:  # the batch's step itself failed (say, out of device memory)
-                raise GenerationFailed(f"generation step failed: {type(e).__name__}: {_one_line(e)}") from None
+                raise GenerationFailed(f"generation step failed: {type(e).__name__}: {one_line(e)}") from None
             ticks = []
             for ev in events:
                 item = inflight.get(ev.request_id)
@@ -413,10 +412,6 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split("\n")[0].split()) or type(e).__name__
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -424,10 +419,10 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         return cmd_serve(args)
     except (UsageError, ConfigError, GenerationError, CheckpointError) as e:
-        print(f"tmfast: error: {_one_line(e)}", file=sys.stderr)
+        print(f"tmfast: error: {one_line(e)}", file=sys.stderr)
         return 2
     except GenerationFailed as e:
-        print(f"tmfast: error: {_one_line(e)}", file=sys.stderr)
+        print(f"tmfast: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tmfast: interrupted", file=sys.stderr)

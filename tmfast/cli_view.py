@@ -33,7 +33,8 @@ class Tick:
 _ONE_LINE = {c: "·" for c in range(32)} | {ord("\n"): "⏎", ord("\t"): " ", 127: "·"}
 
 
-def one_line(s: str) -> str:
+def printable(s: str) -> str:
+    """Text for one table cell: control characters shown as visible marks."""
     return s.translate(_ONE_LINE)
 
 
@@ -99,11 +100,11 @@ def render_table(rows: list[Tick], status: str, width: int, height: int) -> Grou
     grid.add_row(Text("#", style="bold"), Text("step", style="bold"), Text("committed text", style="bold"),
                  Text("liquid tail (nearest tokens)", style="bold"))
     for t in rows:
-        text = crop_left(one_line(t.prompt + t.text), text_w)
-        tail = one_line(" ".join(repr(s) for s in t.tail))
+        text = crop_left(printable(t.prompt + t.text), text_w)
+        tail = printable(" ".join(repr(s) for s in t.tail))
         grid.add_row(str(t.index), str(t.step), Text(text, no_wrap=True, overflow="crop"),
                      Text(tail, style="dim", no_wrap=True, overflow="ellipsis"))
-    parts = [Text(one_line(status), style="bold", no_wrap=True, overflow="ellipsis"), grid]
+    parts = [Text(printable(status), style="bold", no_wrap=True, overflow="ellipsis"), grid]
     if hidden:
         parts.append(Text(f"… {hidden} more running", style="dim", no_wrap=True, overflow="ellipsis"))
     return Group(*parts)

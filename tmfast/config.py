@@ -16,6 +16,12 @@ class ConfigError(ValueError):
         self.param = param
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line for a user: its first non-empty line, whitespace collapsed."""
+    lines = [" ".join(x.split()) for x in str(e).splitlines() if x.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def _from_dict(cls, d: dict):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
