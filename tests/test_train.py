@@ -127,7 +127,8 @@ def test_unrolled_tail_is_the_engines_own_tail(K, jit):
     committing what the engine committed, from the step where both start with embryos."""
     from tmfast.testing import tiny_model
 
-    from tmfast.engine import EmbryoStream, Engine
+    from tmfast.engine import Engine
+    from tmfast.engine.noise import draw
     from train.objectives import Objective, alpha_ramp
     torch.manual_seed(0)
     model = tiny_model()
@@ -140,7 +141,9 @@ def test_unrolled_tail_is_the_engines_own_tail(K, jit):
     for _ in range(K - 1):
         committed += eng.step()[0].token_ids
     state = eng._batch.state.tail[0].clone()
-    emb = EmbryoStream.for_purpose(4, "embryo", model.config.n_embd, 1.0).take(2 * K - 1) * model.config.n_embd ** 0.5
+    d = model.config.n_embd
+    # the engine's embryos, unit variance: the first tail (positions 5…) and the K−1 that follow
+    emb = draw(4, "embryo", range(len(prompt), len(prompt) + 2 * K - 1), 0, d, d ** 0.5)
     if K == 1:  # no step has run (the request is not even admitted): the tail is its first embryo
         state = emb[:1] * 0.3 * model.config.table_radius / model.config.n_embd ** 0.5
     # batch of 2: the same sequence, and one where the unroll has less room (P < K-1 + 1)
@@ -149,9 +152,9 @@ def test_unrolled_tail_is_the_engines_own_tail(K, jit):
     cfg = config_from(None, {"objective": "maturation", "init_from": "x", "alpha_max": 0.7, "noise_scale": 0.3,
                              "k_max": 8, "block_size": 32, "self_cond_prob": 1.0, "unroll_tail_noise": jit})
     jitter = None
-    if jit:  # the engine's tail-noise stream, K draws per step, as unit-variance noise
-        d = model.config.n_embd
-        jitter = EmbryoStream.for_purpose(4, "tail", d, 1.0).take((K - 1) * K).view(K - 1, K, d) * d ** 0.5
+    if jit:  # the engine's tail noise at each of the K−1 steps (slot j at position P + j), unit variance
+        P0 = len(prompt)
+        jitter = torch.stack([draw(4, "tail", range(P0 + u, P0 + u + K), range(K), d, d ** 0.5) for u in range(K - 1)])
         jitter = jitter.expand(2, -1, -1, -1)
     model.train()  # the trainer's mode: the unroll runs in eval mode and must restore it
     own = Objective(model, cfg).unrolled_tail(model.table(ids[:, :-1]), P, K, alpha_ramp(K, 0.7, None),

@@ -103,8 +103,11 @@ class KVCache:
         `cache_index`; k, v (n,W,H,hd). Returns layer's (n,H,span,hd) cache of those rows to attend over."""
         r, slots, rows, span = index
         ck, cv = self.k[layer], self.v[layer]
-        ck[r, :, slots] = k
-        cv[r, :, slots] = v
+        # what persists is always finite: a NaN in a slot nobody attends still turns attention into
+        # NaN (0·NaN in p·v), so a poisoned sequence must leave nothing behind for its row's next
+        # occupant (its own outputs stay NaN: the engine ends it)
+        ck[r, :, slots] = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
+        cv[r, :, slots] = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
         if rows is None:  # rows 0..n-1: a view of the cache, no copy
             return ck[:k.shape[0], :, :span], cv[:k.shape[0], :, :span]
         return ck[rows, :, :span], cv[rows, :, :span]
@@ -241,7 +244,7 @@ class TMModel(nn.Module):
         B, T, _ = x.shape
         if pos is None:
             pos = torch.arange(T, device=x.device)
-        h = x + self.wpe(pos)
+        h = x.to(self.wpe.weight.dtype) + self.wpe(pos)  # the engine keeps its vectors in fp32
         if maturity is not None:
             h = h + maturity
         elif alpha is not None:
@@ -267,19 +270,21 @@ class TMModel(nn.Module):
         return self.vector_head(self.hidden(x, pos, alpha, k, mask, cache, cache_slots, cache_rows, maturity,
                                             cache_span))
 
-    def prefill(self, x, cache: KVCache, *, alpha=None, k=None, rows=None, span: int | None = None) -> torch.Tensor:
+    def prefill(self, x, cache: KVCache, *, alpha=None, k=None, rows=None, span: int | None = None,
+                offset: int = 0) -> torch.Tensor:
         """Hidden states of committed inputs x (n,T,d) (right-padded) at positions 0..T-1, each
-        attending causally to what precedes it; their K/V land in cache slots 0..T-1 of `rows`
-        (a range of n rows; default 0..n-1). What every cached user (engine, AR decoding, the
-        training unroll) runs first; later calls attend over these slots.
-        span: attend over the first `span` cache slots (≥ T; default the whole cache; T reads
-        nothing but what is written)."""
+        attending causally to what precedes it; their K/V land in cache slots offset..offset+T-1
+        of `rows` (a range of n rows; default 0..n-1). What every cached user (engine, AR decoding,
+        the training unroll) runs first; later calls attend over these slots.
+        span: attend over the first `span` cache slots (≥ offset + T; default the whole cache;
+        offset + T reads nothing but what is written). offset: slots below it are someone
+        else's (the engine keeps its guidance scratch there)."""
         n, T, _ = x.shape
         t = torch.arange(T, device=x.device)
         s = torch.arange(span or cache.slots, device=x.device)
-        mask = s.view(1, 1, 1, -1) <= t.view(1, 1, T, 1)
+        mask = (s.view(1, 1, 1, -1) <= t.view(1, 1, T, 1) + offset) & (s.view(1, 1, 1, -1) >= offset)
         return self.hidden(x, pos=t.expand(n, T), alpha=alpha, k=k, mask=mask, cache=cache,
-                           cache_slots=t.expand(n, T), cache_rows=rows, cache_span=span)
+                           cache_slots=(t + offset).expand(n, T), cache_rows=rows, cache_span=span)
 
     @torch.no_grad()
     def maturity_at(self, alpha: float) -> torch.Tensor:

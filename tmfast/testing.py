@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .config import GenerationConfig, ModelConfig
-from .engine.noise import EmbryoStream
+from .engine.noise import draw
 from .model import TMModel, tail_only_mask
 
 
@@ -45,37 +45,39 @@ def tiny_model(vocab_size=97, n_positions=128, n_embd=32, n_layer=2, n_head=2, k
 
 @torch.no_grad()
 def naive_generate(model, prompt_ids: list[int], g: GenerationConfig) -> list[int]:
+    """Algorithm 1, literally: the whole window recomputed every step; embryos and noises are
+    the engine's (noise.draw: a function of seed, position, slot and purpose)."""
     cfg = model.config
     E = model.table.weight.float()
     K = g.tail
     alpha = torch.tensor(g.alpha_profile())
     R, d = cfg.table_radius, cfg.n_embd
-    embryos = EmbryoStream.for_purpose(g.seed, "embryo", d, g.embryo_scale * R)
-    history = EmbryoStream.for_purpose(g.seed, "history", d, g.history_noise * R)
-    jitter = EmbryoStream.for_purpose(g.seed, "tail", d, g.tail_noise * R)
     committed = [E[t] for t in prompt_ids]
     if g.history_noise > 0:  # the model reads committed vectors with noise; commits stay table rows
-        committed = list(torch.stack(committed) + history.take(len(committed)))
-    tail = embryos.take(K)
+        committed = list(torch.stack(committed) + draw(g.seed, "history", range(len(committed)), 0, d,
+                                                       g.history_noise * R))
+    P = len(committed)
+    tail = draw(g.seed, "embryo", range(P, P + K), 0, d, g.embryo_scale * R)  # embryo of position P + j
     out = []
     for _ in range(g.max_new_tokens):
         P = len(committed)
         x = torch.cat([torch.stack(committed), tail]).unsqueeze(0)
         a = torch.cat([torch.ones(P), alpha]).unsqueeze(0)
         k = torch.tensor([K])
-        pred_c = model(x, alpha=a, k=k)[0, P - 1:P - 1 + K]
+        pred_c = model(x, alpha=a, k=k)[0, P - 1:P - 1 + K].float()
         zhat = pred_c
         if g.guidance != 1.0:
             mask = tail_only_mask(P + K, torch.tensor([P]))
-            pred_u = model(x, alpha=a, k=k, mask=mask)[0, P - 1:P - 1 + K]
+            pred_u = model(x, alpha=a, k=k, mask=mask)[0, P - 1:P - 1 + K].float()
             zhat = pred_u + g.guidance * (pred_c - pred_u)
         tail = tail + alpha.unsqueeze(1) * (zhat - tail)
-        if g.tail_noise > 0:
-            tail = tail + jitter.take(K) * alpha.sqrt().unsqueeze(1)
+        if g.tail_noise > 0:  # slot j holds position P + j
+            tail = tail + draw(g.seed, "tail", range(P, P + K), range(K), d, g.tail_noise * R) * alpha.sqrt().unsqueeze(1)
         tok = int(torch.argmax(E @ tail[0]))
         if g.stop_at_eos and tok == cfg.eos_token_id:
             break
         out.append(tok)
-        committed.append(E[tok] + (history.take(1)[0] if g.history_noise > 0 else 0))
-        tail = torch.cat([tail[1:], embryos.take(1)])
+        hist = draw(g.seed, "history", [P], 0, d, g.history_noise * R)[0] if g.history_noise > 0 else 0
+        committed.append(E[tok] + hist)
+        tail = torch.cat([tail[1:], draw(g.seed, "embryo", [P + K], 0, d, g.embryo_scale * R)])
     return out

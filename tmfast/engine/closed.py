@@ -9,7 +9,7 @@ import torch
 from ..config import GenerationConfig
 from ..model import TMModel
 from .continuous import Engine, check_impl
-from .requests import GenerationError, check_fits, prompt_vectors
+from .requests import GenerationError, check_fits, prompt_input
 
 
 @dataclass
@@ -87,12 +87,13 @@ class MaturationEngine:
         gens = list(gen) if isinstance(gen, (list, tuple)) else [gen or GenerationConfig()] * B
         if len(gens) != B:
             raise GenerationError(f"{len(gens)} generation configs for {B} prompts")
-        parsed = [prompt_vectors(self.model, self.tokenizer, p) for p in prompts]
-        for (_, v), g in zip(parsed, gens):  # before anything is allocated
-            check_fits(self.model.config, len(v), g)
+        parsed = [prompt_input(self.model, self.tokenizer, p) for p in prompts]
+        lengths = [len(ids) if v is None else len(v) for ids, v in parsed]
+        for n, g in zip(lengths, gens):  # before anything is allocated
+            check_fits(self.model.config, n, g)
         # size the engine to this batch: every request fits, nothing is allocated twice
         kw = max(g.tail for g in gens)
-        max_len = max(len(v) + g.max_new_tokens for (_, v), g in zip(parsed, gens)) + kw - 1
+        max_len = max(n + g.max_new_tokens for n, g in zip(lengths, gens)) + kw - 1
         show, stats = show_tail or entropy_tau is not None, entropy_tau is not None
         engine = self._engine_for(B, max_len, kw)
         order = [engine.add_request(ids if ids is not None else v, g, return_tail=show, return_stats=stats,
@@ -109,7 +110,10 @@ class MaturationEngine:
                     ev.tail_tokens = [[] for _ in range(B)]
                 if stats:
                     ev.tail_entropy, ev.delta_norm = [[] for _ in range(B)], [[] for _ in range(B)]
-                for e in engine.step():
+                events = engine.step()
+                if not events:  # a pipelined engine's first call: the step is launched, not read yet
+                    continue
+                for e in events:
                     b = index.get(e.request_id)
                     if b is None:  # the end of an earlier stream that its consumer left early
                         continue

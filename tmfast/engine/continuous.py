@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import torch
 
@@ -14,9 +14,16 @@ from csrc_triton import resolve_impl
 
 from ..config import GenerationConfig
 from ..model import TMModel
-from .requests import GenerationError, QueueFullError, Sequence, check_fits, max_prompt_chars, prompt_vectors
-from .slots import DecodeBatch, StepOutput
+from .requests import GenerationError, QueueFullError, Sequence, check_fits, max_prompt_chars, prompt_input
+from .slots import DecodeBatch, PendingStep, StepOutput
 from .step import decode_step_tensors
+
+STEP_KINDS = ("front_only", "tail", "guided")  # what a compiled engine has one graph of, per bucket
+
+
+def default_compile_mode(device: torch.device) -> str | None:
+    """torch.compile's mode for a device: CUDA graphs over the static buffers on CUDA."""
+    return "reduce-overhead" if device.type == "cuda" else None
 
 
 def check_impl(impl: str | None, device: torch.device) -> None:
@@ -27,7 +34,7 @@ def check_impl(impl: str | None, device: torch.device) -> None:
         raise GenerationError(str(e), "impl") from None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestEvent:
     """What one request did in one engine step."""
     request_id: str
@@ -61,15 +68,15 @@ class RequestView:
 @dataclass
 class _Request:
     seq: Sequence
-    vectors: torch.Tensor
+    vectors: torch.Tensor | None  # a vector prompt (T,d) on the model's device; None: seq.prompt_ids
     return_tail: bool
     return_stats: bool
     return_vectors: bool
     entropy_tau: float
+    watched: bool = False  # it reads its tail: the tail must be stepped even when inert
 
-    @property
-    def watched(self) -> bool:  # it reads its tail: the tail must be stepped even when inert
-        return self.return_tail or self.return_stats
+    def __post_init__(self):
+        self.watched = self.return_tail or self.return_stats
 
 
 class Engine:
@@ -85,34 +92,49 @@ class Engine:
     def __init__(self, model: TMModel | str | Path, tokenizer=None, *, max_batch: int = 8,
                  max_len: int | None = None, k_window: int = 16, max_queue: int = 64,
                  compile: bool = False, compile_mode: str | None = None, impl: str | None = None,
-                 entropy_tau: float = 1.0, track_text: bool = True):
+                 entropy_tau: float = 1.0, track_text: bool = True, pipeline: int | None = None):
         if isinstance(model, (str, Path)):
             from ..checkpoint import load_checkpoint
             model, loaded_tok = load_checkpoint(model)
             tokenizer = tokenizer or loaded_tok
         cfg = model.config
-        check_impl(impl, model.table.weight.device)
+        device = model.table.weight.device
+        check_impl(impl, device)
         if not 1 <= k_window <= cfg.k_max:
             raise GenerationError(f"k_window must lie in [1, k_max={cfg.k_max}], got {k_window}")
         if max_batch < 1 or max_queue < 0:
             raise GenerationError("max_batch must be >= 1 and max_queue >= 0")
+        if pipeline not in (None, 0, 1):
+            raise GenerationError(f"pipeline must be 0 or 1 (steps in flight while results are read), got {pipeline!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_len = max_len or cfg.n_positions + k_window - 1
         # a text longer than this cannot fit, whatever it tokenises to (checked before tokenising)
         self.max_prompt_chars = max_prompt_chars(model, tokenizer) if tokenizer is not None else None
         # defaults for requests that do not say
         self.max_queue, self.entropy_tau, self.track_text = max_queue, entropy_tau, track_text
+        # on CUDA the host reads a step's results while the next one runs (one step behind); on
+        # the CPU a step runs synchronously and there is nothing to overlap
+        self.pipeline = (1 if device.type == "cuda" else 0) if pipeline is None else pipeline
+        self.compile_mode = compile_mode if compile_mode is not None or not compile else default_compile_mode(device)
         step_fn = decode_step_tensors
         if compile:
-            # one graph per (row bucket, step kind, noises in use): 1, 2, 4, … max_batch rows
-            # × {front-only, tail, guided tail, kept (probed) tail} × history noise × tail noise
-            variants = 24 * (max_batch.bit_length() + 1)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
-            step_fn = torch.compile(decode_step_tensors, fullgraph=True, dynamic=False, mode=compile_mode)
-        self._batch = DecodeBatch(model, max_batch, self.max_len, k_window, step_fn, impl, bounded_span=not compile)
+            step_fn = torch.compile(decode_step_tensors, fullgraph=True, dynamic=False, mode=self.compile_mode)
+        self._batch = DecodeBatch(model, max_batch, self.max_len, k_window, step_fn, impl, compiled=compile,
+                                  cuda_graphs=compile and device.type == "cuda"
+                                  and "reduce-overhead" in (self.compile_mode or ""))
+        if compile:  # one graph per (row bucket, span bucket, step kind), never one more
+            variants = len(self._batch.rows) * len(self._batch.spans) * len(STEP_KINDS)
+            cfg_dynamo = torch._dynamo.config
+            cfg_dynamo.recompile_limit = max(cfg_dynamo.recompile_limit, variants)
+            cfg_dynamo.accumulated_recompile_limit = max(cfg_dynamo.accumulated_recompile_limit, 2 * variants)
+        self.compiled = compile
         self._queue: deque[_Request] = deque()
-        self._running: dict[int, _Request] = {}  # slot → request
+        self._running: list[_Request] = []  # slot i → request (running slots are 0..n−1)
         self._aborted: list[RequestEvent] = []
+        self._pending: tuple[PendingStep, list[_Request]] | None = None  # launched, not yet read
+        self._watchers: Counter = Counter()  # running requests that read their tail, by the τ of their stats
+        self._n_watched = 0
+        self._host_table: torch.Tensor | None = None  # for return_vectors, made on first use
         self._ids = itertools.count()
 
     # -- what the engine is ------------------------------------------------------------
@@ -128,10 +150,6 @@ class Engine:
     def kv_cache_bytes(self) -> int:
         """Memory of the static KV cache this engine owns."""
         return self._batch.cache.nbytes()
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self._queue or self._running or self._aborted)
 
     @property
     def num_running(self) -> int:
@@ -150,8 +168,9 @@ class Engine:
         track_text: decode text every step (stop strings imply it; default: the engine's);
         entropy_tau: τ of the per-slot entropy that return_stats reports (default: the engine's)."""
         g = params if isinstance(params, GenerationConfig) else GenerationConfig.from_dict(params or {})
-        ids, vectors = prompt_vectors(self.model, self.tokenizer, prompt, self.max_prompt_chars)
-        check_fits(self.model.config, len(vectors), g, self.max_len, self.k_window)
+        ids, vectors = prompt_input(self.model, self.tokenizer, prompt, self.max_prompt_chars)
+        n_prompt = len(ids) if vectors is None else len(vectors)
+        check_fits(self.model.config, n_prompt, g, self.max_len, self.k_window)
         if g.stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer", "stop")
         tau = self.entropy_tau if entropy_tau is None else entropy_tau
@@ -160,16 +179,16 @@ class Engine:
         if len(self._queue) >= self.max_queue:  # after validation: a bad request hears what is wrong
             raise QueueFullError(f"request queue is full ({self.max_queue} waiting); retry later")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if any(r.seq.id == rid for r in itertools.chain(self._queue, self._running.values())):
+        if any(r.seq.id == rid for r in itertools.chain(self._queue, self._running)):
             raise GenerationError(f"request id {rid!r} is already in use")
-        seq = Sequence(rid, ids, len(vectors), g, self.tokenizer, self.model.config.eos_token_id,
+        seq = Sequence(rid, ids, n_prompt, g, self.tokenizer, self.model.config.eos_token_id,
                        self.track_text if track_text is None else track_text)
         self._queue.append(_Request(seq, vectors, return_tail, return_stats, return_vectors, float(tau)))
         return rid
 
     def request(self, request_id: str) -> RequestView:
         """A read-only view of a queued or running request (it stays valid after the request ends)."""
-        for r in itertools.chain(self._queue, self._running.values()):
+        for r in itertools.chain(self._queue, self._running):
             if r.seq.id == request_id:
                 return RequestView(r.seq)
         raise KeyError(f"no queued or running request {request_id!r}")
@@ -181,7 +200,7 @@ class Engine:
                 self._queue.remove(r)
                 break
         else:
-            for slot, r in list(self._running.items()):
+            for slot, r in enumerate(self._running):
                 if r.seq.id == request_id:
                     self._release(slot)
                     break
@@ -192,17 +211,39 @@ class Engine:
         return True
 
     # -- the loop ----------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self._queue or self._running or self._aborted or self._pending)
+
     def step(self) -> list[RequestEvent]:
-        """Admit what fits, advance every running request by one step, return their events."""
+        """Admit what fits, launch one step of every running request, return events.
+
+        With pipeline=1 (the default on CUDA) the events are those of the step launched by the
+        previous call: the device runs step n while the host turns step n−1's results into
+        events, and a request that ended at step n−1 has its share of step n discarded. With
+        pipeline=0 (the CPU default) they are this step's. The text is the same either way."""
         events, self._aborted = self._aborted, []
         events += self._admit()
-        if not self._running:
-            return events
-        running = self._running.values()
-        taus = sorted({r.entropy_tau for r in running if r.return_stats})
-        out = self._batch.step(probe=any(r.watched for r in running), entropy_taus=taus)
-        done = []
-        for slot, r in sorted(self._running.items()):
+        launched = None
+        if self._running:
+            probe = self._n_watched > 0
+            taus = sorted(t for t, n in self._watchers.items() if t is not None and n) if probe else ()
+            launched = (self._batch.launch(probe=probe, entropy_taus=taus), self._running[:])
+        pending, self._pending = self._pending, launched
+        if pending is not None:
+            events += self._finish(*pending)
+        if self.pipeline == 0 and launched is not None:
+            self._pending = None
+            events += self._finish(*launched)
+        return events
+
+    def _finish(self, pending: PendingStep, requests: list[_Request]) -> list[RequestEvent]:
+        """Events of a launched step: requests[i] ran in slot i when it was launched."""
+        out = self._batch.collect(pending)
+        events, done = [], []
+        for slot, r in enumerate(requests):
+            if r.seq.finish_reason is not None:  # ended after the launch (aborted, or one step earlier)
+                continue
             try:
                 ev = self._event(r, slot, out)
             except Exception as e:  # one request's failure (say, its text decoding) ends only that request
@@ -210,14 +251,16 @@ class Engine:
                 ev = RequestEvent(r.seq.id, [], "", True, "error", error=f"{type(e).__name__}: {e}")
             events.append(ev)
             if ev.finished:
-                done.append(slot)
-        for slot in reversed(done):  # highest first: what moves into a hole is still running
-            self._release(slot)
+                done.append(r)
+        for r in sorted(done, key=lambda r: r.seq.slot, reverse=True):  # what moves into a hole still runs
+            self._release(r.seq.slot)
         return events
 
     def _admit(self) -> list[RequestEvent]:
         """Move queued requests into free slots (one batched prefill). If that fails, each is
         admitted alone, so a request that cannot start fails by itself; returns its events."""
+        if not self._queue:
+            return []
         free = self._batch.free_slots()
         group = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
         if not group:
@@ -239,55 +282,94 @@ class Engine:
 
     def _start(self, group: list[_Request]) -> None:
         slots = self._batch.free_slots()[:len(group)]
-        self._batch.admit([(slot, r.vectors, r.seq.gen, r.watched) for slot, r in zip(slots, group)])
+        self._batch.admit([(slot, r.vectors if r.vectors is not None else r.seq.prompt_ids, r.seq.gen, r.watched)
+                           for slot, r in zip(slots, group)])
         for slot, r in zip(slots, group):  # only once the batch holds them
             r.seq.slot = slot
-            self._running[slot] = r
+            self._running.append(r)
+            if r.watched:
+                self._watchers[r.entropy_tau if r.return_stats else None] += 1
+                self._n_watched += 1
 
     def _release(self, slot: int) -> None:
-        failed = self._running[slot].seq.finish_reason == "error"
-        del self._running[slot]
-        moved = self._batch.release(slot, failed)
+        r = self._running[slot]
+        moved = self._batch.release(slot, failed=r.seq.finish_reason == "error")
+        if r.watched:
+            self._watchers[r.entropy_tau if r.return_stats else None] -= 1
+            self._n_watched -= 1
+        last = self._running.pop()  # the last one moves into the hole, as in the batch
         if moved is not None:
-            r = self._running.pop(moved)
-            r.seq.slot = slot
-            self._running[slot] = r
+            last.seq.slot = slot
+            self._running[slot] = last
 
     def _event(self, r: _Request, slot: int, out: StepOutput) -> RequestEvent:
         seq = r.seq
-        seq.commit(out.committed[slot])
-        committed = seq.token_ids[-1:] if seq.finish_reason != "eos" else []
-        ev = RequestEvent(seq.id, committed, seq.text_delta() if seq.track_text or seq.finished else "",
-                          seq.finished, seq.finish_reason)
+        committed, text = seq.advance(out.committed[slot])
+        reason = seq.finish_reason
+        ev = RequestEvent(seq.id, committed, text, reason is not None, reason)
+        if not (r.watched or r.return_vectors):
+            return ev
         K = seq.gen.tail
         if r.return_tail:
             ev.tail_tokens = out.tail_ids[slot][:K]
         if r.return_stats:
-            ev.tail_entropy = out.tail_entropy[r.entropy_tau][slot, :K].tolist()
-            ev.delta_norm = out.delta_norm[slot, :K].tolist()
+            ev.tail_entropy = out.tail_entropy[r.entropy_tau][slot][:K]
+            ev.delta_norm = out.delta_norm[slot][:K]
         if r.return_vectors and committed:
-            ev.vectors = self.model.table.weight[committed].detach().cpu()
+            if self._host_table is None:  # a host copy once: a device read per event would sync
+                self._host_table = self.model.table.weight.detach().float().cpu()
+            ev.vectors = self._host_table[committed]
         return ev
 
     def fail_running(self, message: str) -> list[RequestEvent]:
         """End every running request with an error (after a failed step); queued ones stay.
         Never raises: if freeing a slot fails too, every slot is reset and scrubbed."""
+        self._pending = None  # whatever was in flight is in doubt: its requests end here
         events = []
-        for slot in sorted(self._running, reverse=True):
+        while self._running:
+            slot = len(self._running) - 1
             r = self._running[slot]
             r.seq.finish_reason = "error"
             events.append(RequestEvent(r.seq.id, [], "", True, "error", error=message))
             try:
                 self._release(slot)
             except Exception:  # noqa: BLE001 — the batch state is in doubt: start it over
-                self._running.pop(slot, None)
+                self._running.pop()
+                break
         if self._running or self._batch.n_active:
-            for r in self._running.values():
+            for r in self._running:
                 r.seq.finish_reason = "error"
                 events.append(RequestEvent(r.seq.id, [], "", True, "error", error=message))
             self._running.clear()
             self._batch.reset()
+            self._watchers.clear()
+            self._n_watched = 0
         return events
+
+    # -- start-up ----------------------------------------------------------------------
+    def warmup(self, on_variant: Callable[[int, int], None] | None = None) -> int:
+        """Compile every step variant now, not under the first requests: each row bucket × span
+        bucket × step kind (front-only, tail, guided tail), each run often enough that CUDA graphs
+        (mode="reduce-overhead") are captured too. Only while nothing runs; a no-op for an eager
+        engine. on_variant(done, total) after each. Returns the number of variants."""
+        if not self.compiled:
+            return 0
+        if self._running or self._pending:
+            raise RuntimeError("warmup() needs an idle engine")
+        b = self._batch
+        kinds = [k for k in STEP_KINDS if self.k_window > 1 or k == "front_only"]
+        plan = [(rows, span, kind) for rows in b.rows for span in b.spans for kind in kinds]
+        repeats = 3 if "reduce-overhead" in (self.compile_mode or "") else 1  # warm-up run, then capture
+        for i, (rows, span, kind) in enumerate(plan):
+            flags = dict(front_only=kind == "front_only", guided=kind == "guided", history=True, tail_noise=True,
+                         keep_tail=kind != "front_only")
+            with torch.no_grad():
+                for _ in range(repeats):
+                    b.run_step(rows, span, flags)
+            if on_variant is not None:
+                on_variant(i + 1, len(plan))
+        b.reset()  # the runs wrote into unused slots: leave them as new
+        return len(plan)
 
     def run(self) -> Iterator[RequestEvent]:
         """Step until every request is done, yielding events as they come."""

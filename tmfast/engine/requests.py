@@ -4,6 +4,7 @@ from __future__ import annotations
 import operator
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from ..config import GenerationConfig
 from ..model import TMModel
@@ -99,6 +100,16 @@ def prompt_vectors(model: TMModel, tokenizer, prompt, max_chars: int | None = No
     return ids, model.table(torch.tensor(ids, device=table.device))
 
 
+def prompt_input(model: TMModel, tokenizer, prompt, max_chars: int | None = None
+                 ) -> tuple[list[int] | None, torch.Tensor | None]:
+    """(token ids, None) for a text or token-id prompt — embedded on the device when it is
+    admitted, with everything else the host sends then — or (None, vectors (T,d)) for a vector
+    prompt (checked, on the model's device)."""
+    if isinstance(prompt, torch.Tensor):
+        return prompt_vectors(model, tokenizer, prompt, max_chars)
+    return prompt_ids(model, tokenizer, prompt, max_chars), None
+
+
 def check_fits(cfg, n_prompt: int, g: GenerationConfig, max_len: int | None = None,
                k_window: int | None = None) -> None:
     """Reject up front what would not fit: never truncate silently."""
@@ -118,6 +129,12 @@ def check_fits(cfg, n_prompt: int, g: GenerationConfig, max_len: int | None = No
                               f"tail − 1 exceeds the context; at most {room} new tokens fit", "max_new_tokens")
 
 
+def _streams(tokenizer) -> bool:
+    """Whether DecodeStream can decode for this tokenizer (a `tokenizers.Tokenizer`)."""
+    from tokenizers import Tokenizer
+    return isinstance(tokenizer, Tokenizer)
+
+
 class Sequence:
     """One request: its committed tokens, its text, when it stops, what to stream next."""
 
@@ -131,6 +148,14 @@ class Sequence:
         self.finish_reason: str | None = None
         self.slot = -1
         self._emitted = 0  # characters of text already streamed
+        # incremental detokenisation: each commit decodes only what is new (tokenizers' own
+        # DecodeStream holds back an incomplete character), so the host's work per step does not
+        # grow with the text; the final text is one full decode
+        self._decoder = DecodeStream(skip_special_tokens=True) if self.track_text and _streams(tokenizer) else None
+        self._longest_stop = max((len(s) for s in gen.stop), default=0)
+        self._decoded = False  # final_text has decoded the finished text
+        self._stop_id = eos_token_id if gen.stop_at_eos else None  # commit's test, precomputed
+        self._max_new = gen.max_new_tokens
 
     @property
     def finished(self) -> bool:
@@ -139,37 +164,61 @@ class Sequence:
     def commit(self, tok: int) -> None:
         if tok < 0:
             raise GenerationError("the front tail vector is not finite (NaN/inf): nothing to commit")
-        g = self.gen
-        if g.stop_at_eos and self.eos is not None and tok == self.eos:
+        if tok == self._stop_id:
             self.finish_reason = "eos"
             return
-        self.token_ids.append(tok)
+        ids = self.token_ids
+        ids.append(tok)
         if self.track_text:
-            self.text = self.tokenizer.decode(self.token_ids)
-            cut = min((self.text.find(s) for s in g.stop if s in self.text), default=-1)
-            if cut >= 0:
-                self.text, self.finish_reason = self.text[:cut], "stop"
-                return
-        if len(self.token_ids) >= g.max_new_tokens:
+            before = len(self.text)
+            if self._decoder is not None:
+                piece = self._decoder.step(self.tokenizer, tok)
+                if piece:
+                    self.text += piece
+            else:  # a tokenizer without DecodeStream (not a `tokenizers` one): decode it all
+                self.text = self.tokenizer.decode(ids)
+            stop = self.gen.stop
+            if stop and len(self.text) > before:  # a new match ends in the new text
+                start = max(0, before - self._longest_stop + 1)
+                found = [i for i in (self.text.find(s, start) for s in stop) if i >= 0]
+                if found:
+                    self.text, self.finish_reason = self.text[:min(found)], "stop"
+                    return
+        if len(ids) >= self._max_new:
             self.finish_reason = "length"
 
+    def advance(self, tok: int) -> tuple[list[int], str]:
+        """commit(tok), then what this step's event carries: the committed ids (none for EOS) and
+        the new text that is safe to stream (when the text is tracked, or at the end)."""
+        self.commit(tok)
+        reason = self.finish_reason
+        if reason is None and not self.track_text:
+            return self.token_ids[-1:], ""
+        return (self.token_ids[-1:] if reason != "eos" else []), self.text_delta()
+
     def final_text(self) -> str:
+        """The whole text, decoded once when the request has finished (the streamed pieces up to
+        a stop string's cut otherwise)."""
         if self.tokenizer is None:
             return ""
-        if self.finish_reason != "stop":
+        if self.finish_reason != "stop" and not self._decoded:
             self.text = self.tokenizer.decode(self.token_ids)
+            self._decoded = self.finished
         return self.text
 
     def text_delta(self) -> str:
         """New text that is safe to stream: held back while it ends in an incomplete UTF-8
         character or in what may become a stop string."""
-        text = self.final_text() if self.finished else self.text
-        end = len(text)
-        if not self.finished:
-            while end > self._emitted and text[end - 1] == "\ufffd":
+        done = self.finish_reason is not None
+        text = self.final_text() if done else self.text
+        end, emitted = len(text), self._emitted
+        if end == emitted:
+            return ""
+        if not done:
+            while end > emitted and text[end - 1] == "\ufffd":
                 end -= 1
-            # the longest tail of the text that some stop string could still complete
-            end -= max((n for s in self.gen.stop for n in range(min(len(s) - 1, end - self._emitted), 0, -1)
-                        if text[end - n:end] == s[:n]), default=0)
-        delta, self._emitted = text[self._emitted:end], max(self._emitted, end)
-        return delta
+            if self.gen.stop:  # the longest tail of the text that some stop string could still complete
+                end -= max((n for s in self.gen.stop for n in range(min(len(s) - 1, end - emitted), 0, -1)
+                            if text[end - n:end] == s[:n]), default=0)
+        self._emitted = max(emitted, end)
+        return text[emitted:end]
