@@ -40,53 +40,49 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evals.report import machine_info  # noqa: E402
+from timing import median_time, sync  # noqa: E402
 from tmfast import GenerationConfig, MaturationEngine, ModelConfig, TMModel, load_checkpoint  # noqa: E402
 from tmfast.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
-from tmfast.config import alpha_profile  # noqa: E402
-from tmfast.engine import SlotTensors, StepDraws, decode_step, step_window  # noqa: E402
+from tmfast.engine import Engine, step_draws, step_window  # noqa: E402
 from csrc_triton import maturation_update, nn_commit  # noqa: E402
 
 DEFAULT_CKPT = DEFAULT_CHECKPOINT
 SECTIONS = ("gen", "medium", "prefix", "breakdown", "train", "memory")
 
 
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, dev, reps: int, warmup: int = 1) -> float:
-    """Median seconds of fn() over reps (after warmup calls)."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        sync(dev)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def timeit(fn, dev, reps: int, warmup: int = 1, setup=None) -> float:
+    """Median seconds of fn() over reps (after warmup calls): CUDA events on CUDA (no sync
+    between calls), wall time on the CPU (bench/timing.py)."""
+    return median_time(fn, dev, reps, warmup, setup)
 
 
 # --------------------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------------------
 def load_model(args):
+    dtype = getattr(torch, getattr(args, "dtype", None) or "float32")
     if args.random or not Path(args.checkpoint).is_dir():
         if not args.random:
             print(f"# {args.checkpoint} not found: using a random model of the default shape", flush=True)
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=4096, n_positions=128, n_layer=4, n_head=4, n_embd=192, k_max=16)
-        return TMModel(cfg).eval(), "random init, default-model shape"
-    model, _ = load_checkpoint(args.checkpoint)
+        return TMModel(cfg).eval().to(dtype), "random init, default-model shape"
+    model, _ = load_checkpoint(args.checkpoint, dtype=dtype)
     return model.eval(), str(args.checkpoint)
+
+
+def has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def hf_twin(cfg: ModelConfig, n_positions: int | None = None):
@@ -102,11 +98,14 @@ def hf_twin(cfg: ModelConfig, n_positions: int | None = None):
 # gen: committed tokens/s
 # --------------------------------------------------------------------------------------
 def tm_run(engine, prompts, g):
+    """(whole generate seconds, median seconds between steps). No sync per step: on CUDA the
+    engine reads results one step behind, and its loop runs at the device's pace in steady state."""
     stamps = []
     sync_dev = engine.model.table.weight.device
     sync(sync_dev)
     t0 = time.perf_counter()
-    engine.generate(prompts, g, on_step=lambda ev: (sync(sync_dev), stamps.append(time.perf_counter())))
+    engine.generate(prompts, g, on_step=lambda ev: stamps.append(time.perf_counter()))
+    sync(sync_dev)
     total = time.perf_counter() - t0
     steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
     return total, statistics.median(steps)
@@ -148,13 +147,13 @@ def section_medium(model, args, dev):
     """The paper's backbone shape (GPT-2 Medium: 24 layers, d=1024, 16 heads, V=50257), random weights."""
     cfg = ModelConfig(vocab_size=50257, n_positions=1024, n_layer=24, n_head=16, n_embd=1024, k_max=16)
     torch.manual_seed(0)
-    big = TMModel(cfg).eval().to(dev)
+    big = TMModel(cfg).eval().to(dev, getattr(torch, args.dtype))
     configs = [("eager", 16, 1.0, 1.0)] + ([("compiled", 16, 1.0, 1.0)] if args.compile else []) + \
               [("eager", 16, 1.0, 0.5)]
     rows = compare_gen(big, dev, args.medium_batch, configs, args.medium_new_tokens, args.prompt_len,
                        args.medium_reps, args.compile, args.impl)
     what = (f"GPT-2-Medium shape ({cfg.n_layer} layers, d={cfg.n_embd}, V={cfg.vocab_size}, "
-            f"{big.num_params() / 1e6:.0f}M params, random weights, fp32), prompt {args.prompt_len} random tokens, "
+            f"{big.num_params() / 1e6:.0f}M params, random weights, {args.dtype}), prompt {args.prompt_len} random tokens, "
             f"{args.medium_new_tokens} new tokens")
     del big
     return rows, gen_table(rows, what, args.medium_reps)
@@ -174,13 +173,19 @@ def compare_gen(model, dev, batches, configs, new, plen, reps, hf_compile, impl)
         prompts = torch.randint(0, cfg.vocab_size, (B, plen), generator=gen).tolist()
         ids = torch.tensor(prompts, device=dev)
         runners, notes = {}, {}
-        hf = hf_twin(cfg).to(dev)
-        runners["HF eager"] = lambda hf=hf: hf_run(hf, ids, new, False)
-        runners["HF static cache"] = lambda hf=hf: hf_run(hf, ids, new, True)
-        if hf_compile:
-            hfc = hf_twin(cfg).to(dev)
-            hfc.forward = torch.compile(hfc.forward, dynamic=False)
-            runners["HF static cache + compile"] = lambda hf=hfc: hf_run(hf, ids, new, True)
+        dtype = model.table.weight.dtype
+        hf = None
+        if has_transformers():
+            hf = hf_twin(cfg).to(dev, dtype)
+            runners["HF eager"] = lambda hf=hf: hf_run(hf, ids, new, False)
+            runners["HF static cache"] = lambda hf=hf: hf_run(hf, ids, new, True)
+            if hf_compile:
+                hfc = hf_twin(cfg).to(dev, dtype)
+                hfc.forward = torch.compile(hfc.forward, dynamic=False)
+                runners["HF static cache + compile"] = lambda hf=hfc: hf_run(hf, ids, new, True)
+        else:
+            for name in ("HF eager", "HF static cache", "HF static cache + compile"):
+                notes[name] = "not run: transformers is not installed (pip install -e '.[hf]')"
         for mode, K, s, a_max in configs:
             g = GenerationConfig(max_new_tokens=new, tail=K, guidance=s, alpha_max=a_max, seed=0, stop_at_eos=False)
             eng = MaturationEngine(model, compile=mode == "compiled", impl=impl)
@@ -205,15 +210,15 @@ def compare_gen(model, dev, batches, configs, new, plen, reps, hf_compile, impl)
         del hf, runners
         med = {name: (statistics.median(t for t, _ in rs), statistics.median(st for _, st in rs))
                for name, rs in results.items()}
-        base_total, base = med["HF eager"]
+        base_total, base = med.get("HF eager", (None, None))
         for name in [n for n in ("HF eager", "HF static cache", "HF static cache + compile") if n in med or n in notes]:
             if name in notes:
                 rows.append({"batch": B, "engine": name, "K": "", "s": "", "note": notes[name]})
                 continue
             total, step = med[name]
             rows.append({"batch": B, "engine": name, "K": "", "s": "", "e2e_tok_s": B * new / total,
-                         "decode_tok_s": B / step, "step_ms": step * 1e3, "ratio": base / step,
-                         "e2e_ratio": base_total / total, "warmup_s": warm[name]})
+                         "decode_tok_s": B / step, "step_ms": step * 1e3, "ratio": base / step if base else None,
+                         "e2e_ratio": base_total / total if base else None, "warmup_s": warm[name]})
         for mode, K, s, a_max in configs:
             name = (mode, K, s, a_max)
             if name in notes:
@@ -223,9 +228,10 @@ def compare_gen(model, dev, batches, configs, new, plen, reps, hf_compile, impl)
             total, step = med[name]
             rows.append({"batch": B, "engine": f"tmfast {mode}", "K": K, "s": s, "alpha_max": a_max,
                          "e2e_tok_s": B * new / total, "decode_tok_s": B / step, "step_ms": step * 1e3,
-                         "ratio": base / step, "e2e_ratio": base_total / total, "warmup_s": warm[name]})
+                         "ratio": base / step if base else None, "e2e_ratio": base_total / total if base else None,
+                         "warmup_s": warm[name]})
             print(f"#   tmfast {mode} B={B} K={K} s={s:g} α_max={a_max:g}: {B / step:.0f} tok/s, "
-                  f"{base / step:.2f}× HF eager (warm-up {warm[name]:.0f} s)", flush=True)
+                  f"{(base or float('nan')) / step:.2f}× HF eager (warm-up {warm[name]:.0f} s)", flush=True)
     return rows
 
 
@@ -243,8 +249,10 @@ def gen_table(rows, what: str, reps: int) -> str:
         else:
             s = "" if r["s"] == "" else f"{r['s']:g}"
             a = f"{r['alpha_max']:g}" if "alpha_max" in r else ""
+            ratio = f"{r['ratio']:.2f}×" if r["ratio"] is not None else "n/a"
+            e2e = f"{r['e2e_ratio']:.2f}×" if r["e2e_ratio"] is not None else "n/a"
             lines.append(f"| {r['batch']} | {r['engine']} | {r['K']} | {s} | {a} | {r['decode_tok_s']:.0f} | "
-                         f"{r['step_ms']:.2f} | {r['e2e_tok_s']:.0f} | {r['ratio']:.2f}× | {r['e2e_ratio']:.2f}× |")
+                         f"{r['step_ms']:.2f} | {r['e2e_tok_s']:.0f} | {ratio} | {e2e} |")
     return "\n".join(lines)
 
 
@@ -302,9 +310,9 @@ def measure_peaks(dev) -> dict:
 
 def step_costs(cfg: ModelConfig, n_params: int, B: int, K: int, guided: bool, S: int, front_only: bool,
                dtype_bytes: int = 4) -> dict:
-    """Model FLOPs and bytes touched by one engine step (fp32): every weight once, the whole
-    KV cache once (the step attends over all cache slots under a mask), the table for the commit.
-    Positions forwarded: 1 (front-only) or K + (K − 1 if guided)."""
+    """Model FLOPs and bytes touched by one engine step: every weight once, S cache slots of every
+    row once (the span the step attends over), the table for the commit. Positions forwarded: 1
+    (front-only) or K + (K − 1 if guided)."""
     d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     T = 1 if front_only else K + (K - 1 if guided else 0)
     tok = B * T
@@ -317,6 +325,8 @@ def step_costs(cfg: ModelConfig, n_params: int, B: int, K: int, guided: bool, S:
 
 
 def section_breakdown(model, args, dev, peaks):
+    """One eager step of a running batch, whole and by part: the step function as the engine calls
+    it (state restored before each timed call), its forward, draws, update and commit alone."""
     cfg = model.config
     rows = []
     P = args.prompt_len
@@ -328,72 +338,75 @@ def section_breakdown(model, args, dev, peaks):
                     guided = s != 1.0 and K > 1 and not front_only
                     if s != 1.0 and not guided:
                         continue  # the same step as s = 1
-                    n_slots = P + args.new_tokens + K - 1
-                    cache = model.new_cache(B, n_slots + (K - 1 if guided else 0))
-                    S = cache.slots
-                    d = cfg.n_embd
+                    eng = Engine(model, max_batch=B, max_len=P + args.new_tokens + K - 1, k_window=K, max_queue=B,
+                                 impl=args.impl)
+                    g = GenerationConfig(max_new_tokens=args.new_tokens, tail=K, guidance=s, alpha_max=a_max,
+                                         seed=0, stop_at_eos=False)
                     gen = torch.Generator().manual_seed(0)
-                    state = SlotTensors(
-                        last=torch.randn(B, d, generator=gen).to(dev),
-                        tail=(torch.randn(B, K, d, generator=gen) * 0.1).to(dev),
-                        length=torch.full((B,), P, device=dev), k=torch.full((B,), K, device=dev),
-                        alpha=torch.tensor(alpha_profile(K, a_max)).expand(B, K).contiguous().to(dev),
-                        guidance=torch.full((B,), s, device=dev))
-                    tail, alpha, guidance, k = state.tail, state.alpha, state.guidance, state.k
-                    active = torch.ones(B, dtype=torch.bool, device=dev)
-                    draws = StepDraws(embryo=torch.zeros(B, d, device=dev))
-                    m1 = model.maturity_at(1.0)
-                    x, pos, a_in, mask, slot = step_window(model, state, front_only, guided, n_slots,
-                                                           cache_slots=S)
+                    for _ in range(B):
+                        eng.add_request(torch.randint(0, cfg.vocab_size, (P,), generator=gen).tolist(), g)
+                    eng.step()  # admitted, one step run
+                    b = eng._batch
+                    kinds, rows_n = b.kinds(), b._bucket
+                    span = b.span(front_only)
+                    saved = [t.clone() for t in b.state.tensors()]
+
+                    def restore():  # the step writes its state in place: each timed call starts from the same
+                        for t, v in zip(b.state.tensors(), saved):
+                            t.copy_(v)
+                    state = b.state.rows(rows_n)
+                    c = b.consts
+                    span_ids = c.slot_ids[:span]
+                    x, pos, a_in, mask, slot = step_window(model, state, front_only, guided, b.scratch, span_ids)
 
                     def forward():
-                        return model(x, pos=pos, alpha=a_in, k=k, mask=mask, cache=cache, cache_slots=slot,
-                                     maturity=m1 if front_only else None)
-
-                    def fresh():  # decode_step writes the state in place: each timed call starts from it
-                        return SlotTensors(**{f: getattr(state, f).clone() for f in ("last", "tail", "length", "k",
-                                                                                      "alpha", "guidance")})
+                        return model(x, pos=pos, alpha=a_in, k=state.k, mask=mask, cache=b.cache, cache_slots=slot,
+                                     maturity=c.committed_maturity if front_only else None, cache_span=span)
 
                     with torch.no_grad():
-                        out = forward()
+                        out = forward().float()
                         t_fwd = timeit(forward, dev, args.reps * 5)
+                        t_draw = timeit(lambda: step_draws(state, c, front_only, kinds["history"], kinds["tail_noise"]),
+                                        dev, args.reps * 20)
                         if front_only:
                             t_upd = 0.0
                             front = out[:, 0].contiguous()
                         else:
                             pred_c = out[:, :K]
                             pred_u = torch.cat([out[:, :1], out[:, K:]], 1) if guided else None
-                            t_upd = timeit(lambda: maturation_update(tail.clone(), pred_c, alpha, pred_uncond=pred_u,
-                                                                     guidance=guidance if guided else None,
+                            t_upd = timeit(lambda: maturation_update(state.tail.clone(), pred_c, state.alpha,
+                                                                     pred_uncond=pred_u,
+                                                                     guidance=state.guidance if guided else None,
                                                                      impl=args.impl), dev, args.reps * 20)
-                            front = tail[:, 0].contiguous()
-                        t_com = timeit(lambda: nn_commit(front, model.table.weight, impl=args.impl), dev,
-                                       args.reps * 20)
-                        t_all = timeit(lambda: decode_step(
-                            model, cache, fresh(), active, draws, front_only=front_only, guided=guided,
-                            n_slots=n_slots, impl=args.impl, committed_maturity=m1), dev, args.reps * 5)
-                    c = step_costs(cfg, model.num_params(), B, K, guided, S, front_only)
-                    f_floor = c["flops"] / (peaks["matmul_gflops"] * 1e9)
-                    b_l3 = c["bytes"] / (peaks["copy_l3_gbs"] * 1e9)
-                    b_dram = c["bytes"] / (peaks["copy_dram_gbs"] * 1e9)
+                            front = state.tail[:, 0].contiguous()
+                        t_com = timeit(lambda: nn_commit(front, c.commit_table, impl=args.impl, check_finite=False),
+                                       dev, args.reps * 20)
+                        t_all = timeit(lambda: b.run_step(rows_n, span, kinds), dev, args.reps * 5, setup=restore)
+                    restore()
+                    c_ = step_costs(cfg, model.num_params(), rows_n, K, guided, span, front_only,
+                                    model.table.weight.element_size())
+                    f_floor = c_["flops"] / (peaks["matmul_gflops"] * 1e9)
+                    b_l3 = c_["bytes"] / (peaks["copy_l3_gbs"] * 1e9)
+                    b_dram = c_["bytes"] / (peaks["copy_dram_gbs"] * 1e9)
                     rows.append({"batch": B, "K": K, "s": s, "alpha_max": a_max, "positions": x.shape[1],
-                                 "step_ms": t_all * 1e3, "forward_ms": t_fwd * 1e3,
-                                 "update_ms": t_upd * 1e3, "commit_ms": t_com * 1e3,
-                                 "rest_ms": (t_all - t_fwd - t_upd - t_com) * 1e3, "gflop": c["flops"] / 1e9,
-                                 "mbytes": c["bytes"] / 1e6, "flop_floor_frac": f_floor / t_all,
+                                 "span": span, "step_ms": t_all * 1e3, "forward_ms": t_fwd * 1e3,
+                                 "draws_ms": t_draw * 1e3, "update_ms": t_upd * 1e3, "commit_ms": t_com * 1e3,
+                                 "rest_ms": (t_all - t_fwd - t_draw - t_upd - t_com) * 1e3, "gflop": c_["flops"] / 1e9,
+                                 "mbytes": c_["bytes"] / 1e6, "flop_floor_frac": f_floor / t_all,
                                  "byte_floor_l3_frac": b_l3 / t_all, "byte_floor_dram_frac": b_dram / t_all,
-                                 "achieved_gbs": c["bytes"] / t_all / 1e9,
-                                 "achieved_gflops": c["flops"] / t_all / 1e9})
-    lines = [f"One eager step (prompt {P}, cache {args.new_tokens} + K − 1 more slots; positions = forwarded per "
-             f"sequence); measured peaks: matmul {peaks['matmul_gflops']:.0f} GFLOP/s (fp32 2048² mm), copy "
+                                 "achieved_gbs": c_["bytes"] / t_all / 1e9,
+                                 "achieved_gflops": c_["flops"] / t_all / 1e9})
+    lines = [f"One eager step of a running batch (prompt {P}, after one step; positions = forwarded per sequence, "
+             f"span = cache slots attended); measured peaks: matmul {peaks['matmul_gflops']:.0f} GFLOP/s (fp32 2048² mm), copy "
              f"{peaks['copy_l3_gbs']:.1f} GB/s ({peaks['copy_l3_mib']} MiB, cache-resident) and "
              f"{peaks['copy_dram_gbs']:.1f} GB/s ({peaks['copy_dram_mib']} MiB, DRAM), read + write of written "
              "buffers; floor fraction = floor time ÷ measured step time.", "",
-             "| batch | K | s | α_max | positions | step ms | forward | update | commit | rest | GFLOP/step | MB/step | "
-             "% FLOP floor | % byte floor (L3) | % byte floor (DRAM) | achieved GB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['K']} | {r['s']:g} | {r['alpha_max']:g} | {r['positions']} | {r['step_ms']:.2f} | "
-              f"{r['forward_ms']:.2f} | {r['update_ms']:.3f} | {r['commit_ms']:.3f} | {r['rest_ms']:.2f} | "
+             "| batch | K | s | α_max | positions | span | step ms | forward | draws | update | commit | rest | GFLOP/step | "
+             "MB/step | % FLOP floor | % byte floor (L3) | % byte floor (DRAM) | achieved GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['K']} | {r['s']:g} | {r['alpha_max']:g} | {r['positions']} | {r['span']} | "
+              f"{r['step_ms']:.2f} | {r['forward_ms']:.2f} | {r['draws_ms']:.3f} | {r['update_ms']:.3f} | "
+              f"{r['commit_ms']:.3f} | {r['rest_ms']:.2f} | "
               f"{r['gflop']:.3f} | {r['mbytes']:.1f} | {100 * r['flop_floor_frac']:.1f} % | "
               f"{100 * r['byte_floor_l3_frac']:.1f} % | {100 * r['byte_floor_dram_frac']:.1f} % | "
               f"{r['achieved_gbs']:.1f} |" for r in rows]
@@ -404,6 +417,8 @@ def section_breakdown(model, args, dev, peaks):
 # train: maturation vs AR objective
 # --------------------------------------------------------------------------------------
 def section_train(model, args, dev):
+    import numpy as np  # the train extra
+
     from train.config import config_from
     from train.objectives import Objective, plan_step
     cfg = model.config
@@ -570,6 +585,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights and KV cache of both engines (the tail stays fp32)")
     p.add_argument("--impl", choices=("auto", "triton", "torch"), default=None)
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
@@ -591,7 +608,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     head = [f"# model: {what} — {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads, V={cfg.vocab_size}, "
-            f"context {cfg.n_positions}, {model.num_params() / 1e6:.2f}M params, fp32, device {dev}",
+            f"context {cfg.n_positions}, {model.num_params() / 1e6:.2f}M params, {args.dtype}, device {dev}",
             "# machine: " + ", ".join(f"{k}={v}" for k, v in info.items())]
     print("\n".join(head), flush=True)
     results, texts = {}, []

@@ -107,21 +107,35 @@ def validate(queries, table, entropy_tau, table_inv_norm, any_table_strides: boo
 # --------------------------------------------------------------------------------------------
 # Triton kernels + launcher
 # --------------------------------------------------------------------------------------------
-# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages), chosen by the dot path and by N. The fp32
-# ("ieee") path runs on FMA units and keeps its operand tiles in registers, so it needs small
-# BLOCK_D; the native 16-bit path uses tensor cores. Every entry × dtype pair × flag combination
-# is compiled for sm_80 and sm_90 by tests/test_kernels_aot.py: no spills, shared memory in limits
-# (Triton 3.9 / bundled ptxas: 80–224 registers per thread, ≤ 16 KiB shared; the unaligned
-# specialisation, d not a multiple of 16, is the register-hungry one). Picked for zero spills,
-# not tuned for speed: no GPU was available to time them.
+# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages), chosen by N and the dtype pair, sized for the
+# decode shapes of GPT-2-Medium (V = 50257, d = 1024, N = 1 … 64) on 132-SM Hopper parts:
+#   gemv    N ≤ 4 queries: no tensor-core dot (its 16-row minimum would waste ≥ 3/4 of the work);
+#           a (BLOCK_N, BLOCK_D, BLOCK_V) fp32 product reduced over d, BLOCK_N × BLOCK_V = 128
+#   ieee    fp32 queries against an fp32 table, N > 4: IEEE fp32 dot (no TF32: the fp32 commit
+#           must reproduce the reference argmax), operand tiles in registers
+#   mixed   fp32 queries against a 16-bit table (the bf16 engine's commit), N > 4: the same IEEE
+#           dot on the converted tile, the register-hungry case: 16-row blocks at every N (a
+#           32-row block spills), so at N > 16 the table is read once per 16 queries
+#   native  bf16·bf16 / fp16·fp16, N > 4: the tensor-core dot (products exact in fp32, fp32 accumulate)
+# Row segments of 128 B or more per load (BLOCK_D = 64 for 16-bit and most fp32 tiles; 32 × 4 B for
+# the small fp32 tile, where BLOCK_D = 64 spills on sm_80), not the 64 B of BLOCK_D = 16; 3–4
+# stages keep tiles in flight behind the one being reduced. Every entry × dtype pair × flag
+# combination compiles for sm_80 and sm_90 with no spills and shared memory within the chip
+# (tests/test_kernels_aot.py); the grid (num_splits) puts ≥ 2 programs on every SM even at N = 1
+# (test_decode_grids_fill_a_132_sm_part). Not yet timed on a GPU: bench/gpu_check.py times them.
 COMMIT_CONFIGS = {
-    ("ieee", "small_n"): (16, 64, 16, 4, 2),     # decode: N ≤ 16 queries, many V splits
-    ("ieee", "large_n"): (32, 64, 16, 8, 2),     # whole tail / entropy traces: N = B·K
-    ("native", "small_n"): (16, 128, 32, 8, 2),
-    ("native", "large_n"): (64, 64, 32, 8, 2),
+    ("gemv", 1): (1, 128, 64, 8, 3),
+    ("gemv", 2): (2, 64, 64, 8, 3),
+    ("gemv", 4): (4, 32, 64, 8, 3),
+    ("ieee", "small_n"): (16, 32, 32, 8, 3),     # 5 ≤ N ≤ 16
+    ("ieee", "large_n"): (32, 16, 64, 8, 4),     # N > 16 (whole tails, entropy traces: N = B·K)
+    ("mixed", "any"): (16, 32, 64, 8, 3),
+    ("native", "small_n"): (16, 128, 64, 8, 3),
+    ("native", "large_n"): (64, 32, 64, 8, 3),
 }
+GEMV_MAX_N = 4
 MERGE_BLOCK_N, MERGE_BLOCK_S, MERGE_WARPS = 32, 16, 2
-MIN_TILES_PER_SPLIT = 4
+WAVES = 2  # programs per SM the split-V grid aims for (≥: a tile per split at least)
 INTERPRETER_SMS = 4  # pretend SM count under TRITON_INTERPRET=1, so splits > 1 are exercised
 
 
@@ -130,8 +144,19 @@ def native_dot(q_dtype, e_dtype) -> bool:
     return q_dtype == e_dtype and q_dtype != torch.float32
 
 
+def commit_path(n: int, q_dtype=torch.float32, e_dtype=torch.float32) -> tuple:
+    """The COMMIT_CONFIGS key for n queries of this dtype pair."""
+    if n <= GEMV_MAX_N:
+        return ("gemv", 1 if n <= 1 else 2 if n <= 2 else 4)
+    if native_dot(q_dtype, e_dtype):
+        return ("native", "small_n" if n <= 16 else "large_n")
+    if e_dtype != torch.float32:
+        return ("mixed", "any")
+    return ("ieee", "small_n" if n <= 16 else "large_n")
+
+
 def commit_config(n: int, q_dtype=torch.float32, e_dtype=torch.float32):
-    return COMMIT_CONFIGS[("native" if native_dot(q_dtype, e_dtype) else "ieee", "small_n" if n <= 16 else "large_n")]
+    return COMMIT_CONFIGS[commit_path(n, q_dtype, e_dtype)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,17 +164,21 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_splits(n: int, v: int, device: torch.device, config):
-    """(splits, tiles_per_split): aim for ~2 programs per SM, ≥ MIN_TILES_PER_SPLIT tiles each."""
+def num_splits(n: int, v: int, device: torch.device, config, sms: int | None = None):
+    """(splits, tiles_per_split): at least WAVES programs per SM where the table has tiles for it
+    (at N = 1, V = 50257, BLOCK_V = 128 on 132 SMs: 393 splits of one tile, ~3 per SM).
+    sms: the SM count (default: the device's; INTERPRETER_SMS off a GPU)."""
     block_n, block_v = config[:2]
     q_blocks = -(-n // block_n)
     tiles = -(-v // block_v)
-    if device.type == "cuda" and not INTERPRET:
+    if sms is not None:
+        pass
+    elif device.type == "cuda" and not INTERPRET:
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = INTERPRETER_SMS
-    want = max(1, min(-(-2 * sms // q_blocks), -(-tiles // MIN_TILES_PER_SPLIT)))
-    per = -(-tiles // want)
+    want = max(1, -(-WAVES * sms // q_blocks))
+    per = max(1, tiles // want)  # floor: never fewer splits than wanted
     return -(-tiles // per), per
 
 
@@ -177,7 +206,7 @@ if HAS_TRITON:
         pidx_ptr, pscore_ptr, pm_ptr, ps_ptr, pt_ptr,  # ... or (S, N) partials (not FINAL)
         N, V, D, stride_qn, stride_ev, tiles_per_split, inv_tau,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        ENTROPY: tl.constexpr, FINAL: tl.constexpr, NATIVE_DOT: tl.constexpr,
+        ENTROPY: tl.constexpr, FINAL: tl.constexpr, NATIVE_DOT: tl.constexpr, GEMV: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -219,7 +248,9 @@ if HAS_TRITON:
                 d_mask = d0 + rd < D
                 q = tl.load(q_base + d0 + q_offs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
                 e = tl.load(e_base + d0 + e_offs, mask=d_mask[:, None] & v_mask[None, :], other=0.0)
-                if NATIVE_DOT:
+                if GEMV:  # few queries: fp32 products reduced over d, no tensor-core tile
+                    acc += tl.sum(q.to(tl.float32)[:, :, None] * e.to(tl.float32)[None, :, :], axis=1)
+                elif NATIVE_DOT:
                     acc = tl.dot(q, e, acc)
                 else:
                     acc = tl.dot(q.to(tl.float32), e.to(tl.float32), acc, input_precision="ieee")
@@ -332,7 +363,8 @@ if HAS_TRITON:
         native = native_dot(queries.dtype, table.dtype)
         grid = (-(-N // block_n), n_splits)
         common = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, ENTROPY=entropy_on,
-                      NATIVE_DOT=native, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True)
+                      NATIVE_DOT=native and block_n >= 16, GEMV=block_n < 16,
+                      num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True)
         kernel = wrap_triton(_nn_commit_kernel)
         if n_splits == 1:
             kernel[grid](queries, table, einv, index, score, lse, entropy,
@@ -408,8 +440,8 @@ def aot_variants():
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     for (path, cfg_name), (bn, bv, bd, nw, ns) in COMMIT_CONFIGS.items():
         for q_dt, e_dt in DTYPE_PAIRS:
-            if (path == "native") != native_dot(q_dt, e_dt):
-                continue
+            if path != "gemv" and commit_path(64, q_dt, e_dt)[0] != path:
+                continue  # this dtype pair never takes that path
             for entropy_on in (False, True):
                 for final in (True, False):
                     q, e = name[q_dt], name[e_dt]
@@ -420,7 +452,8 @@ def aot_variants():
                         "ps_ptr": "*fp32", "pt_ptr": "*fp32",
                         "N": "i32", "V": "i32", "D": "i32", "stride_qn": "i32", "stride_ev": "i32",
                         "tiles_per_split": "i32", "inv_tau": "fp32",
-                        **{c: "constexpr" for c in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "ENTROPY", "FINAL", "NATIVE_DOT")},
+                        **{c: "constexpr" for c in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "ENTROPY", "FINAL", "NATIVE_DOT",
+                                                    "GEMV")},
                     }
                     yield {
                         "kernel": "_nn_commit_kernel", "module": __name__,
@@ -428,10 +461,10 @@ def aot_variants():
                         # partials out) for fp32/fp32, fp32/bf16 and bf16/bf16; the rest is `slow`
                         "ci": entropy_on and not final and (q_dt, e_dt) != (torch.float32, torch.float16)
                         and q_dt != torch.float16,
-                        "name": f"commit[{cfg_name},q={q},E={e},entropy={int(entropy_on)},final={int(final)}]",
+                        "name": f"commit[{path}_{cfg_name},q={q},E={e},entropy={int(entropy_on)},final={int(final)}]",
                         "signature": sig,
                         "constexprs": {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "ENTROPY": entropy_on,
-                                       "FINAL": final, "NATIVE_DOT": native_dot(q_dt, e_dt)},
+                                       "FINAL": final, "NATIVE_DOT": path == "native", "GEMV": path == "gemv"},
                         "options": {"num_warps": nw, "num_stages": ns, "enable_fp_fusion": True},
                     }
     for entropy_on in (False, True):

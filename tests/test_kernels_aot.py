@@ -81,13 +81,16 @@ def test_variant_list_covers_every_launcher_choice():
 
     compiled = {(v["constexprs"]["BLOCK_N"], v["constexprs"]["BLOCK_V"], v["constexprs"]["BLOCK_D"],
                  v["options"]["num_warps"], v["options"]["num_stages"], v["constexprs"]["NATIVE_DOT"],
-                 v["signature"]["q_ptr"], v["signature"]["e_ptr"])
+                 v["constexprs"]["GEMV"], v["signature"]["q_ptr"], v["signature"]["e_ptr"])
                 for v in nn.aot_variants() if v["kernel"] == "_nn_commit_kernel"}
     tl_name = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
     for q_dt, e_dt in nn.DTYPE_PAIRS:
-        for n in (1, 2, 15, 16, 17, 64, 512, 4096):
+        for n in (1, 2, 3, 4, 5, 15, 16, 17, 64, 512, 4096):
             cfg = nn.commit_config(n, q_dt, e_dt)
-            assert (*cfg, nn.native_dot(q_dt, e_dt), tl_name[q_dt], tl_name[e_dt]) in compiled
+            path = nn.commit_path(n, q_dt, e_dt)[0]
+            # what _launch passes: GEMV below 16 rows (a tensor-core dot needs 16), else the dtype's dot
+            assert cfg[0] < 16 if path == "gemv" else cfg[0] >= 16
+            assert (*cfg, path == "native", path == "gemv", tl_name[q_dt], tl_name[e_dt]) in compiled
     # and the validation accepts exactly the dtype pairs that are compiled
     for q_dt in tl_name:
         for e_dt in tl_name:

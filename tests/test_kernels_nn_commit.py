@@ -25,13 +25,14 @@ from conftest import CUDA, DEV, IMPLS, TRITON_OK, needs_triton  # noqa: E402  th
 slow = pytest.mark.slow
 
 # interpreter tiles (numpy does big tiles cheaply; loop trips are what cost)
-FAST_CFG = {"small": (16, 256, 128, 4, 1), "large": (64, 256, 128, 4, 1)}
+FAST_CFG = {"gemv": (4, 256, 128, 4, 1), "small": (16, 256, 128, 4, 1), "large": (64, 256, 128, 4, 1)}
 
 
 def fast_cfg(n):
+    """Big tiles under the interpreter (quick), on the path the launcher picks for n queries."""
     if not ct.INTERPRET:
         return None  # on a GPU run the shipped configs
-    return FAST_CFG["small" if n <= 16 else "large"]
+    return FAST_CFG["gemv" if n <= nnmod.GEMV_MAX_N else "small" if n <= 16 else "large"]
 
 
 def make_table(V, d, seed=0, radius=3.0, dtype=torch.float32):
@@ -116,12 +117,16 @@ def test_without_entropy_same_index_and_score(impl, N):
 
 
 # the configs the launcher picks on a GPU, run as shipped (small tables keep the interpreter quick)
-SHIPPED = [
-    ("ieee-small", 3, torch.float32, torch.float32),
-    ("ieee-large", 17, torch.float32, torch.float32),
-    ("ieee-mixed", 5, torch.float32, torch.float16),
-    ("native-small", 3, torch.float16, torch.float16),
-    ("native-large", 40, torch.float16, torch.float16),
+SHIPPED = [  # (name: the COMMIT_CONFIGS key, N, queries, table)
+    ("gemv-1", 1, torch.float32, torch.float32),
+    ("gemv-2", 2, torch.float32, torch.float16),  # the engine's bf16 commit: fp32 query × 16-bit table
+    ("gemv-4", 3, torch.float16, torch.float16),
+    ("ieee-small_n", 5, torch.float32, torch.float32),
+    ("ieee-large_n", 17, torch.float32, torch.float32),
+    ("mixed-any", 5, torch.float32, torch.float16),
+    ("mixed-any-many", 40, torch.float32, torch.float16),  # 16-bit tables: 16-row blocks at any N
+    ("native-small_n", 6, torch.float16, torch.float16),
+    ("native-large_n", 40, torch.float16, torch.float16),
 ]
 
 
@@ -134,8 +139,8 @@ def test_shipped_configs(name, N, qdt, edt, splits):
     q = make_queries(E, N, seed=6).to(qdt)
     inv = ct.prepare_table(E)
     cfg = nnmod.commit_config(N, qdt, edt)
-    assert cfg == nnmod.COMMIT_CONFIGS[(name.split("-")[0] if "mixed" not in name else "ieee",
-                                        "large_n" if "large" in name else "small_n")]
+    path, size = name.split("-")[:2]
+    assert cfg == nnmod.COMMIT_CONFIGS[(path, int(size) if path == "gemv" else size)]
     idx, sc, lse, ent = run("triton", q, E, tau, inv, cfg=cfg, splits=splits)
     ref = nnmod.nn_commit_torch(q, E, tau, inv)  # fp32 math on the same stored inputs
     certify_commit(idx, sc, q, E, ref_index=ref[0])
@@ -171,6 +176,16 @@ def test_split_heuristic():
         s, per = nnmod.num_splits(n, v, torch.device("cpu"), cfg)
         tiles = -(-v // cfg[1])
         assert s >= 1 and (s - 1) * per < tiles <= s * per  # every split non-empty, all tiles covered
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 64])
+def test_decode_grids_fill_a_132_sm_part(n):
+    """GPT-2-Medium decode (V = 50257) on an H100/H200: at least 2 programs per SM at every batch."""
+    for q_dt, e_dt in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)):
+        cfg = nnmod.commit_config(n, q_dt, e_dt)
+        s, per = nnmod.num_splits(n, 50257, torch.device("cuda"), cfg, sms=132)
+        assert s * -(-n // cfg[0]) >= 2 * 132, (n, cfg, s)
+        assert cfg[2] >= 64 and cfg[4] >= 3  # BLOCK_D ≥ 64 (16-bit rows: 128 B segments), 3+ stages
 
 
 # --------------------------------------------------------------------------------------------

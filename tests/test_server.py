@@ -673,3 +673,33 @@ def test_one_sigterm_drains_the_requests_in_flight_and_exits(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_compiling_server_says_starting_until_every_step_variant_is_compiled(tok):
+    """`tmfast serve --compile`: the engine compiles before it serves; meanwhile /health is 503
+    "starting" (a load balancer keeps it out) and a completion is a 503 with Retry-After."""
+    engine = Engine(make_model(tok), tok, max_batch=2, k_window=4, max_queue=8)
+    gate, calls = threading.Event(), []
+    real = engine.warmup
+
+    def slow_warmup(on_variant=None):  # what a compile of every variant does: take a while, report progress
+        calls.append(1)
+        on_variant(1, 2)
+        gate.wait(timeout=30)
+        return real(on_variant)
+    engine.warmup = slow_warmup
+    s = Served(engine, warmup=True)
+    try:
+        assert wait_until(lambda: calls, 5)
+        r = httpx.get(s.url + "/health", timeout=10)
+        body = r.json()
+        assert r.status_code == 503 and body["status"] == "starting" and body["error"]["code"] == "engine_starting"
+        assert "1/2 step variants" in body["error"]["message"]
+        r = post(s.url, {"prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_starting" and "retry-after" in r.headers
+        gate.set()
+        assert wait_until(lambda: httpx.get(s.url + "/health", timeout=10).status_code == 200, 10)
+        assert post(s.url, {"prompt": "hi", "max_tokens": 3}).status_code == 200
+    finally:
+        gate.set()
+        s.close()

@@ -27,6 +27,8 @@ from .engine import Engine, GenerationError, check_fits, check_impl, max_prompt_
 DEFAULTS = GenerationConfig()  # the one source of every generation default (Python, HTTP and CLI)
 ENGINE_DEFAULTS = {k: p.default for k, p in inspect.signature(Engine.__init__).parameters.items()}
 GENERATE_MAX_BATCH = 32  # a batch file's throughput grows with the batch on CPU (README, "Throughput")
+DTYPES = ("float32", "bfloat16", "float16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class UsageError(ValueError):
@@ -97,7 +99,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="DIR", help=f"checkpoint directory (default: the shipped model, "
                                                        f"{DEFAULT_CHECKPOINT})")
     p.add_argument("--device", default="cpu", metavar="DEV", help="torch device: cpu, cuda, cuda:N, mps, …")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights and KV cache (the tail and its update stay float32; "
+                        "default: bfloat16 on CUDA, float32 elsewhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the generation step")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile mode with --compile (default: reduce-overhead — CUDA graphs — on CUDA, "
+                        "default elsewhere)")
     p.add_argument("--impl", choices=("auto", "triton", "torch"), default=None,
                    help="kernel implementation (default: auto — Triton on CUDA, torch elsewhere)")
 
@@ -157,8 +165,9 @@ def _load(args):
     directory = Path(args.checkpoint) if args.checkpoint is not None else DEFAULT_CHECKPOINT
     if args.checkpoint is None and not DEFAULT_CHECKPOINT.is_dir():
         raise CheckpointError(f"no default model installed at {DEFAULT_CHECKPOINT}; pass --checkpoint DIR")
+    dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
     try:
-        model, tokenizer = load_checkpoint(directory, device=args.device)
+        model, tokenizer = load_checkpoint(directory, device=args.device, dtype=dtype)
     except (CheckpointError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 — a corrupt file is the user's mistake, never a traceback
@@ -345,6 +354,7 @@ def cmd_generate(args, out=None, err=None) -> int:
     gen = _gen_config(args)
     device = check_device(args.device)
     check_impl(args.impl, device)
+    mode = _compile_mode(args)
     model, tokenizer = _load(args)
     total, longest = check_prompts(source(), model, tokenizer, gen)
     if total == 0:
@@ -352,7 +362,10 @@ def cmd_generate(args, out=None, err=None) -> int:
     batch = min(args.max_batch, total)
     engine = Engine(model, tokenizer, max_batch=batch, max_queue=batch, k_window=gen.tail,
                     max_len=longest + gen.max_new_tokens + gen.tail - 1, compile=args.compile, impl=args.impl,
-                    track_text=args.show_tail)
+                    track_text=args.show_tail, compile_mode=mode)
+    if args.compile:  # the first step of each kind compiles (cached on disk for later runs)
+        print("tmfast: compiling the generation step (the first run takes a while; later ones reuse the cache)",
+              file=err, flush=True)
 
     out_tty, err_tty = out.isatty(), err.isatty()
     finished, view = 0, None
@@ -402,14 +415,22 @@ def cmd_serve(args) -> int:
     from .server import serve
     device = check_device(args.device)
     check_impl(args.impl, device)
+    mode = _compile_mode(args)
     model, tokenizer = _load(args)
     if args.k_window > model.config.k_max:
         raise UsageError(f"--k-window must be <= the model's k_max={model.config.k_max}, got {args.k_window}")
     engine = Engine(model, tokenizer, max_batch=args.max_batch, k_window=args.k_window,
-                    max_queue=args.max_queue, compile=args.compile, impl=args.impl)
+                    max_queue=args.max_queue, compile=args.compile, impl=args.impl, compile_mode=mode)
     name = Path(args.checkpoint).name if args.checkpoint else "tmfast-default"
-    serve(engine, args.host, args.port, model_name=name)
+    # --compile: every step variant compiles before /health says ready ("starting" until then)
+    serve(engine, args.host, args.port, model_name=name, warmup=args.compile)
     return 0
+
+
+def _compile_mode(args) -> str | None:
+    if args.compile_mode is not None and not args.compile:
+        raise UsageError("--compile-mode needs --compile")
+    return args.compile_mode  # None: the engine's default for the device
 
 
 def main(argv=None) -> int:

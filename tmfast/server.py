@@ -20,10 +20,11 @@ __all__ = ["API_NAMES", "ApiError", "CompletionRequest", "EngineLoop", "EngineUn
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "tmfast", *,
           max_body_bytes: int = 1 << 20, max_prompt_chars: int | None = None, stall_after: float = 60.0,
-          graceful_timeout: float = 30.0, log_level: str = "info") -> None:
+          graceful_timeout: float = 30.0, log_level: str = "info", warmup: bool | None = None) -> None:
     """Serve until SIGINT/SIGTERM. On the first signal the server stops accepting connections and
     lets requests in flight finish (at most graceful_timeout seconds, then they are cancelled and
-    aborted), then stops the engine loop: one signal is enough."""
+    aborted), then stops the engine loop: one signal is enough. warmup (default: whether the
+    engine is compiled): compile every step variant before /health says ready."""
     import uvicorn
     logger = logging.getLogger("tmfast")
     if not logger.handlers:  # one line per request (tmfast.server), beside uvicorn's own log
@@ -32,5 +33,5 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name:
         logger.addHandler(handler)
         logger.setLevel(log_level.upper())
     app = create_app(engine, model_name, max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
-                     stall_after=stall_after)
+                     stall_after=stall_after, warmup=engine.compiled if warmup is None else warmup)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout)

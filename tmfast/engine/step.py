@@ -142,8 +142,10 @@ def step_draws(state: SlotTensors, c: StepConstants, front_only: bool, history: 
     if not counts:
         return None, None, None
     sizes = [t.shape[0] for t in counts]
-    keys = row_keys(_keys_for(key, sizes), torch.cat(counts))
-    z = normal_rows(keys, c.words, c.quantiles).split(sizes)
+    if len(counts) == 1:  # the common case (front-only steps with tail noise): no cat, no split
+        z = (normal_rows(row_keys(_keys_for(key, sizes), counts[0]), c.words, c.quantiles),)
+    else:
+        z = normal_rows(row_keys(_keys_for(key, sizes), torch.cat(counts)), c.words, c.quantiles).split(sizes)
     i, embryo, hist, noise = 0, None, None, None
     if not front_only:
         embryo, i = z[i] * scale[:, 0:1], i + 1
@@ -159,7 +161,8 @@ def _keys_for(key: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Each row's seed key, for rows laid out as size-B blocks (one per sequence) or B·Kw blocks
     (Kw per sequence, sequence-major)."""
     B = key.shape[0]
-    return torch.cat([key if n == B else key.repeat_interleave(n // B) for n in sizes])
+    parts = [key if n == B else key.repeat_interleave(n // B) for n in sizes]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def decode_step_tensors(model: TMModel, cache_k, cache_v, last, tail, length, k, alpha, guidance, seed_key,

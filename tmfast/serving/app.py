@@ -138,12 +138,14 @@ async def watch_disconnect(request: Request, sink: Sink) -> None:
 
 
 def create_app(engine: Engine, model_name: str = "tmfast", *, max_body_bytes: int = 1 << 20,
-               max_prompt_chars: int | None = None, stall_after: float = 60.0, retry_after: int = 1) -> FastAPI:
+               max_prompt_chars: int | None = None, stall_after: float = 60.0, retry_after: int = 1,
+               warmup: bool = False) -> FastAPI:
     """The HTTP app over `engine`. max_body_bytes: larger request bodies get a 413; max_prompt_chars:
     longer text prompts get a 400 before tokenising (default: context × the longest token);
     stall_after: seconds without an engine-loop heartbeat (while there is work) before /health
-    says 503; retry_after: the Retry-After seconds of a 429."""
-    loop = EngineLoop(engine, stall_after=stall_after)
+    says 503; retry_after: the Retry-After seconds of a 429 (and of a 503 while starting); warmup:
+    compile every step variant (a compiled engine) before serving, /health 503 "starting" until then."""
+    loop = EngineLoop(engine, stall_after=stall_after, warmup=warmup)
     metrics = ServerMetrics(engine, loop)
     loop.on_step = metrics.on_step
     limits = PromptLimits(engine, max_prompt_chars)
@@ -220,7 +222,8 @@ def create_app(engine: Engine, model_name: str = "tmfast", *, max_body_bytes: in
                  "max_batch": engine.max_batch}
         if ok:
             return {"status": "ok", **state}
-        return AsciiJSONResponse({"status": "unhealthy", **state, **error_body(why, "server_error", None, code)},
+        status = "starting" if code == "engine_starting" else "unhealthy"
+        return AsciiJSONResponse({"status": status, **state, **error_body(why, "server_error", None, code)},
                                  status_code=503)
 
     @app.get("/metrics")
@@ -264,7 +267,10 @@ def create_app(engine: Engine, model_name: str = "tmfast", *, max_body_bytes: in
         except (ConfigError, GenerationError) as e:
             raise ApiError(400, str(e), api_name(e.param), code="invalid_value") from None
         except EngineUnavailable as e:
-            raise ApiError(503, str(e), type="server_error", code="engine_unavailable") from None
+            err = ApiError(503, str(e), type="server_error", code=e.code)
+            if e.code == "engine_starting":
+                err.headers = {"Retry-After": str(retry_after)}
+            raise err from None
         except BaseException:  # cancelled while queuing: nobody will read these
             for r in rids:
                 loop.abort_soon(r)

@@ -24,7 +24,12 @@ log = logging.getLogger("tmfast.server")
 
 
 class EngineUnavailable(RuntimeError):
-    """The engine loop is not running, or has held the engine too long: nothing can be queued."""
+    """The engine loop is not running, is still starting, or has held the engine too long:
+    nothing can be queued. `code` says which."""
+
+    def __init__(self, message: str, code: str = "engine_unavailable"):
+        super().__init__(message)
+        self.code = code
 
 
 class Sink:
@@ -53,8 +58,12 @@ class EngineLoop:
     failed) is called after every step (metrics)."""
 
     def __init__(self, engine: Engine, *, stall_after: float = 60.0, failing_after: int = 5,
-                 on_step: Callable[[float, bool], None] | None = None):
+                 on_step: Callable[[float, bool], None] | None = None, warmup: bool = False):
         self.engine = engine
+        # warmup: compile every step variant (Engine.warmup) in the loop thread before serving;
+        # until it is done the loop is "starting": /health says so and nothing is queued
+        self.warmup, self.starting = warmup, warmup
+        self.progress = "0 step variants"
         self.stall_after, self.failing_after, self.on_step = stall_after, failing_after, on_step
         self.lock = threading.Lock()  # serialises every call into the engine
         # Clients waiting for the lock. A plain lock is not fair: the loop thread would take it
@@ -88,9 +97,12 @@ class EngineLoop:
 
     def health(self) -> tuple[bool, str | None, str | None]:
         """(healthy, why not, code): dead thread, no heartbeat for stall_after s while there is
-        work, or failing_after failed steps in a row are unhealthy: restart the server."""
+        work, or failing_after failed steps in a row are unhealthy: restart the server. While the
+        step is still compiling at start-up: not yet healthy, code engine_starting."""
         if not self.thread.is_alive():
             return False, "the engine loop is not running", "engine_dead"
+        if self.starting:
+            return False, f"the engine is starting (compiling its step: {self.progress})", "engine_starting"
         quiet = time.monotonic() - self.beat
         if quiet > self.stall_after and self.engine.has_work:
             return False, f"the engine loop has not stepped for {quiet:.0f} s", "engine_stuck"
@@ -111,6 +123,9 @@ class EngineLoop:
         Returns [(id, prompt length in tokens)]. Raises what add_request raises, or EngineUnavailable."""
         if not self.running:
             raise EngineUnavailable("the engine loop is not running")
+        if self.starting:
+            raise EngineUnavailable(f"the engine is starting (compiling its step: {self.progress}); retry shortly",
+                                    "engine_starting")
         out: list[tuple[str, int]] = []
         queued: list[str] = []
         with self._client_turn():
@@ -156,7 +171,26 @@ class EngineLoop:
                 self.turn.notify_all()
 
     # -- the loop thread -------------------------------------------------------------------
+    def _start_up(self) -> None:
+        """Compile every step variant before the first request (the loop is "starting" meanwhile)."""
+        def progress(done: int, total: int) -> None:
+            self.progress = f"{done}/{total} step variants"
+            self.beat = time.monotonic()
+        t0 = time.monotonic()
+        try:
+            with self.lock:
+                n = self.engine.warmup(progress)
+            log.info("engine ready: %d step variants compiled in %.0f s", n, time.monotonic() - t0)
+        except BaseException as e:  # a step that cannot compile cannot serve: say so in /health
+            self.failures = self.failing_after
+            self._note_failure(e)
+            log.exception("compiling the engine's step failed")
+        finally:
+            self.starting = False
+
     def _run(self):
+        if self.warmup:
+            self._start_up()
         try:
             while not self.stopping:
                 self.beat = time.monotonic()
