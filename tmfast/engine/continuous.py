@@ -122,7 +122,10 @@ class Engine:
         self._batch = DecodeBatch(model, max_batch, self.max_len, k_window, step_fn, impl, compiled=compile,
                                   cuda_graphs=compile and device.type == "cuda"
                                   and "reduce-overhead" in (self.compile_mode or ""))
-        if compile:  # one graph per (row bucket, span bucket, step kind), never one more
+        if self._batch.cuda_graphs:  # one CUDA graph per (rows, span, kind): expected, not a warning
+            import torch._inductor.config as inductor_config
+            inductor_config.triton.cudagraph_dynamic_shape_warn_limit = None
+        if compile:  # a graph per step kind; allow one per (row bucket, span bucket, kind) in case
             variants = len(self._batch.rows) * len(self._batch.spans) * len(STEP_KINDS)
             cfg_dynamo = torch._dynamo.config
             cfg_dynamo.recompile_limit = max(cfg_dynamo.recompile_limit, variants)
@@ -363,7 +366,7 @@ class Engine:
         for i, (rows, span, kind) in enumerate(plan):
             flags = dict(front_only=kind == "front_only", guided=kind == "guided", history=True, tail_noise=True,
                          keep_tail=kind != "front_only")
-            with torch.no_grad():
+            with torch.inference_mode():  # as DecodeBatch.launch runs it (the mode is part of a graph's guards)
                 for _ in range(repeats):
                     b.run_step(rows, span, flags)
             if on_variant is not None:

@@ -26,7 +26,6 @@ class SlotInfo:
     guided: bool  # its step needs the unconditional stream
     history: bool  # it reads committed vectors with noise
     tail_noise: bool  # its tail updates add noise
-    k: int  # tail length K
     base: int  # committed count = base + the batch's step counter (no per-step host work)
 
 
@@ -189,7 +188,7 @@ class DecodeBatch:
                                   # streams share: guidance changes only slots behind the front, so with
                                   # K = 1 or an inert tail its stream is not computed
                                   guided=live and g.guidance != 1.0 and g.tail > 1,
-                                  history=g.history_noise > 0, tail_noise=g.tail_noise > 0, k=g.tail, base=0))
+                                  history=g.history_noise > 0, tail_noise=g.tail_noise > 0, base=0))
             if not isinstance(prompt, torch.Tensor):
                 ids[i, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
             alpha = profile + [0.0] * (Kw - g.tail) if live else [1.0] + [0.0] * (Kw - 1)
@@ -316,7 +315,7 @@ class DecodeBatch:
         return self.step_fn(self.model, *self._row_args[rows], span_ids, *self._const_args,
                             scratch=self.scratch, impl=self.impl, **kinds)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper dispatch than no_grad (no version counters): eager steps pay per op
     def launch(self, probe: bool = False, entropy_taus=()) -> PendingStep:
         """Queue one step of the running sequences (slots 0..n_active−1) and the copy of its
         results to the host; returns at once. probe: the results also carry each tail slot's
@@ -357,7 +356,3 @@ class DecodeBatch:
             return [row[1 + i * Kw:1 + (i + 1) * Kw] for row in host]
         tail_ids = [[int(t) for t in r] for r in cols(1)]
         return StepOutput(committed, cols(0), tail_ids, {tau: cols(2 + i) for i, tau in enumerate(taus)})
-
-    def step(self, probe: bool = False, entropy_taus=()) -> StepOutput:
-        """launch + collect: one step, its results at once."""
-        return self.collect(self.launch(probe, entropy_taus))
