@@ -126,9 +126,9 @@ class DecodeBatch:
         # views made once: a step's inputs are the same tensors, at the same addresses, every time
         self._row_views = {n: self.state.rows(n).tensors() for n in self.rows}
         self._span_views = {s: self.consts.slot_ids[:s] for s in self.spans}
-        for t in self.static_tensors():
-            torch._dynamo.mark_static_address(t)
-        if compiled:
+        if compiled:  # (an eager batch does not import dynamo: ~70 MB and a second of start-up)
+            for t in self.static_tensors():
+                torch._dynamo.mark_static_address(t)
             for n, views in self._row_views.items():
                 for t in views if n > 1 else ():  # size 1 is always specialised
                     torch._dynamo.maybe_mark_dynamic(t, 0)
