@@ -24,7 +24,7 @@ from evals.report import machine_info
 from tmfast.checkpoint import load_checkpoint
 from tmfast.checkpoint import DEFAULT_CHECKPOINT
 from tmfast.engine import Engine
-from tmfast.server import create_app
+from tmfast.server import create_app, server_config
 
 PROMPTS = ["And it came to pass", "In the beginning", "The LORD is my shepherd", "And Jesus answered",
            "Blessed are the", "Now the serpent was", "For God so loved", "Let there be"]
@@ -63,7 +63,7 @@ def main(argv=None):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+    server = uvicorn.Server(server_config(create_app(engine), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

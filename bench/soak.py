@@ -8,8 +8,10 @@ Starts the server in this process on 127.0.0.1 (a free port) and fires every req
 (at most --concurrency in flight): valid completions with many settings (seeds, tails, guidance,
 α, noises, stop strings), streams, several prompts per request, OpenAI default-valued fields,
 then malformed JSON, hostile magnitudes, seeds out of range, bad Unicode, oversize bodies,
-prompts over the context, values tmfast cannot honour, settings at the magnitude bounds, and
-clients that hang up early (streaming or not). A 429 is retried after its Retry-After, as a
+prompts over the context, values tmfast cannot honour, settings at the magnitude bounds, wrong
+JSON types (true for an integer, "4", "yes"), a model the server does not serve, clients that hang
+up early (streaming or not, or in the middle of their body), requests HTTP itself cannot parse, and
+clients that stall mid-request (the server must cut them off after its read timeout). A 429 is retried after its Retry-After, as a
 client should. Every valid answer must equal its solo answer (MaturationEngine, one request
 at a time, computed before the storm); afterwards the server must be healthy with no slot busy.
 Prints one row per kind and exits 1 on any failure (wrong status or error shape), lost request
@@ -37,7 +39,7 @@ from evals.report import machine_info
 from tmfast import GenerationConfig, MaturationEngine
 from tmfast.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from tmfast.engine import Engine
-from tmfast.server import create_app
+from tmfast.server import create_app, server_config
 
 PROMPTS = ["And it came to pass", "In the beginning", "The LORD is my shepherd", "And Jesus answered",
            "Blessed are the", "Now the serpent was", "For God so loved", "Let there be"]
@@ -45,10 +47,13 @@ STOPS = [None, None, None, [" the"], ["\n"], [",", "."]]
 KINDS = {  # kind: share of the requests (each kind at least once)
     "valid": 0.26, "stream": 0.14, "prompts": 0.07, "defaults": 0.05, "hangup": 0.07, "hangup_stream": 0.07,
     "malformed": 0.05, "hostile": 0.06, "seed": 0.04, "unicode": 0.04, "oversize": 0.03, "context": 0.03,
-    "unsupported": 0.05, "bounds": 0.04,
+    "unsupported": 0.05, "bounds": 0.04, "wrong_types": 0.04, "unknown_model": 0.02, "protocol": 0.03,
+    "midbody": 0.02, "stalled": 0.02,
 }
+MODEL_NAME = "soak"  # the name the server serves
 CHECKED = {"valid", "stream", "prompts", "defaults"}  # answers compared with their solo answers
 HANGUPS = {"hangup", "hangup_stream"}
+RAW = {"protocol", "midbody", "stalled"}  # sent byte by byte over a socket, not through httpx
 
 
 @dataclass
@@ -86,7 +91,7 @@ def make_case(kind: str, rng: random.Random, args, context: int) -> Case:
         if kind == "defaults":
             body.update(logprobs=None, echo=False, suffix=None, logit_bias={}, n=1, best_of=1, presence_penalty=0,
                         frequency_penalty=0, temperature=rng.choice([0.0, 0.7, 1.0]), top_p=1.0, user="soak",
-                        model="any")
+                        model=MODEL_NAME)
         if kind in HANGUPS:  # long enough to be running still when the client hangs up; fits the context
             body["max_tokens"] = context // 2
         stream = kind in ("stream", "hangup_stream") or (kind == "prompts" and rng.random() < 0.5)
@@ -123,6 +128,25 @@ def make_case(kind: str, rng: random.Random, args, context: int) -> Case:
     if kind == "bounds":  # the largest magnitudes allowed: the request may fail alone, nothing else may
         return Case(kind, {"prompt": "Let there be", "max_tokens": 8, "alpha_max": 0.5, "guidance": 1000.0,
                            "embryo_scale": 1000.0, "tail_noise": 1000.0, "history_noise": 1000.0}, {200, 500})
+    if kind == "wrong_types":  # JSON types a lax parser would coerce into something accepted
+        field_, value = rng.choice([("max_tokens", True), ("max_tokens", "4"), ("seed", True), ("n", True),
+                                    ("stream", "yes"), ("return_tail", "y"), ("tail", 4.0), ("guidance", "2")])
+        return Case(kind, {"prompt": "Let there be", field_: value}, {400})
+    if kind == "unknown_model":
+        return Case(kind, {"prompt": "Let there be", "max_tokens": 4, "model": rng.choice(["gpt-4", "", "Soak"])},
+                    {404})
+    if kind == "protocol":  # h11 cannot parse these: 400 in the JSON shape, then the connection closes
+        head = rng.choice([b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n",
+                           b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+                           b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                           b"Content-Length: 3\r\n\r\n{}",
+                           b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"zz\r\n{}\r\n0\r\n\r\n"])
+        return Case(kind, head, {400})
+    if kind in ("midbody", "stalled"):  # 100 bytes declared, 10 sent; then hang up, or wait to be cut off
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{\"prompt\":")
+        return Case(kind, head, {"closed"})
     raise ValueError(kind)
 
 
@@ -159,7 +183,47 @@ def error_shape_ok(payload) -> bool:
         set(payload["error"]) == {"message", "type", "param", "code"} and bool(payload["error"]["message"])
 
 
+async def fire_raw(url: str, c: Case, args) -> None:
+    """protocol: read the answer to the end; midbody: hang up; stalled: wait for the server to
+    close the connection (it must within its read timeout; status "closed")."""
+    host, port = url.removeprefix("http://").split(":")
+    t0 = time.perf_counter()
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+    except OSError as e:
+        c.error = f"connect: {e!r}"
+        return
+    try:
+        writer.write(c.body)
+        await writer.drain()
+        if c.kind == "midbody":
+            c.status = "closed"
+            return
+        try:
+            raw = await asyncio.wait_for(reader.read(), timeout=args.read_timeout + 10)
+        except asyncio.TimeoutError:  # a failure of the server's, not a lost answer
+            c.status = f"held for {time.perf_counter() - t0:.1f} s"
+            return
+        if c.kind == "stalled":
+            waited = time.perf_counter() - t0
+            c.status = "closed" if raw == b"" and waited >= args.read_timeout * 0.9 else f"answered after {waited:.1f} s"
+            return
+        head, _, body = raw.partition(b"\r\n\r\n")
+        c.status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else None
+        try:
+            c.shape_ok = error_shape_ok(json.loads(body)) and b"application/json" in head.lower()
+        except ValueError:
+            c.shape_ok = False
+    except OSError as e:
+        c.error = f"{type(e).__name__}: {e}"
+    finally:
+        writer.close()
+
+
 async def fire(client: httpx.AsyncClient, url: str, c: Case, sem: asyncio.Semaphore, args) -> None:
+    if c.kind in RAW:
+        async with sem:
+            return await fire_raw(url, c, args)
     kw = {"content": c.body, "headers": {"content-type": "application/json"}} if isinstance(c.body, bytes) \
         else {"json": c.body}
     async with sem:
@@ -237,11 +301,11 @@ def judge(c: Case, answers: dict) -> str | None:
     return None
 
 
-def serve(engine: Engine, body_limit: int):
+def serve(engine: Engine, body_limit: int, read_timeout: float):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    app = create_app(engine, "soak", max_body_bytes=body_limit)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    app = create_app(engine, MODEL_NAME, max_body_bytes=body_limit)
+    server = uvicorn.Server(server_config(app, log_level="error", read_timeout=read_timeout))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -260,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-queue", type=int, default=32)
     p.add_argument("--body-limit", type=int, default=1 << 20)
     p.add_argument("--hang-after", type=float, default=0.15, help="seconds a hanging-up client waits")
+    p.add_argument("--read-timeout", type=float, default=2.0,
+                   help="the server's read timeout (seconds a request may take to arrive whole)")
     p.add_argument("--retries", type=int, default=50, help="429s retried per request")
     p.add_argument("--seed", type=int, default=0, help="seed of the request plan")
     p.add_argument("--out", help="also write OUT.md and OUT.json")
@@ -278,7 +344,7 @@ def main(argv=None) -> int:
     answers = solo_answers(model, tok, cases)
     t_solo = time.perf_counter() - t0
     engine = Engine(model, tok, max_batch=args.max_batch, k_window=16, max_queue=args.max_queue)
-    url, server, thread = serve(engine, args.body_limit)
+    url, server, thread = serve(engine, args.body_limit, args.read_timeout)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     async def storm():
@@ -304,7 +370,9 @@ def main(argv=None) -> int:
     rows, verdicts = {}, {}
     for c in cases:
         v = verdicts[id(c)] = judge(c, answers)
-        expected = "hang up (or 200)" if c.kind in HANGUPS else "/".join(map(str, sorted(c.expect)))
+        expected = ("hang up (or 200)" if c.kind in HANGUPS else "hang up mid-body" if c.kind == "midbody"
+                    else f"cut off after {args.read_timeout:g} s" if c.kind == "stalled"
+                    else "/".join(map(str, sorted(c.expect))))
         row = rows.setdefault(c.kind, {"requests": 0, "expected": expected,
                                        "failures": 0, "lost": 0, "changed": 0, "retried_429": 0})
         row["requests"] += 1

@@ -45,7 +45,7 @@ def record_traces(model, tokenizer, prompts: list[list[int]], gens: list[Generat
                 except StopIteration as stop:
                     res = stop.value
                     break
-                steps.append({"committed": ev.committed, "tail_tokens": ev.tail_tokens,
+                steps.append({"committed": ev.committed, "tail_tokens": ev.tail_token_ids,
                               "entropy": r5(ev.tail_entropy), "delta_norm": r5(ev.delta_norm)})
             per_tau[tau] = (steps, res)
         first_steps, res = per_tau[taus[0]]

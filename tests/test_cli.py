@@ -66,11 +66,17 @@ def test_noise_flags_reach_the_engine(ckpt, capsys):
     assert json.loads(run(base + ["--tail-noise", "2"], capsys)[1])["token_ids"] == noisy[0]  # seeded
 
 
-def test_show_tail_draws_every_step(ckpt, capsys):
-    code, out, _ = run(["generate", "Hi", "--checkpoint", ckpt, "--max-new-tokens", "5", "--tail", "3",
-                        "--show-tail"], capsys)
-    steps = [line for line in out.splitlines() if line.startswith("[")]
+def test_show_tail_draws_every_step_on_stderr(ckpt, capsys):
+    """Not a terminal: one plain view line per step on stderr, so stdout stays the result (JSON
+    lines stay JSON lines)."""
+    code, out, err = run(["generate", "Hi", "--checkpoint", ckpt, "--max-new-tokens", "5", "--tail", "3",
+                          "--show-tail"], capsys)
+    steps = [line for line in err.splitlines() if line.startswith("[")]
     assert code == 0 and len(steps) == 5 and all("⟨" in s for s in steps)
+    assert not any(line.startswith("[") for line in out.splitlines())
+    code, out, err = run(["generate", "Hi", "--checkpoint", ckpt, "--max-new-tokens", "5", "--tail", "3",
+                          "--show-tail", "--json"], capsys)
+    assert code == 0 and len([json.loads(line) for line in out.splitlines()]) == 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -239,7 +245,9 @@ def test_help_shows_every_default(capsys):
     code, out, _ = run_any(["serve", "--help"], capsys)
     flat = " ".join(out.split())
     assert code == 0
-    assert all(s in flat for s in ["(default: 8)", "(default: 16)", "(default: 64)", "(default: 8000)"])
+    assert all(s in flat for s in ["(default: 8000)", "(default: 16)", "(default: 64)", "(default: 10.0)"])
+    # serve batches as generate does (it used to default to 8 while the README passed 32)
+    assert re.search(rf"--max-batch N .*?\(default: {cli.GENERATE_MAX_BATCH}\)", flat)
 
 
 @pytest.mark.parametrize("args, message", [

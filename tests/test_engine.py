@@ -142,7 +142,7 @@ def test_tail_probe_reports_every_slot_without_changing_the_output(model):
     assert probed.token_ids == plain.token_ids and len(events) == 5
     V = model.config.vocab_size
     for ev, tok in zip(events, plain.token_ids):
-        assert len(ev.tail_tokens[0]) == 6 and ev.tail_tokens[0][0] == tok  # slot 0 is what was committed
+        assert len(ev.tail_token_ids[0]) == 6 and ev.tail_token_ids[0][0] == tok  # slot 0 is what was committed
         assert all(0 < h <= torch.log(torch.tensor(float(V))) + 1e-4 for h in ev.tail_entropy[0])
         assert len(ev.delta_norm[0]) == 6 and all(x >= 0 for x in ev.delta_norm[0])
 
@@ -159,7 +159,7 @@ def test_engine_output_is_identical_with_the_triton_kernels(model):
            for impl in ("torch", "triton")}
     assert [r.token_ids for r in out["triton"]] == [r.token_ids for r in out["torch"]]
     for a, b in zip(events["torch"], events["triton"]):
-        assert a.tail_tokens == b.tail_tokens
+        assert a.tail_token_ids == b.tail_token_ids
         torch.testing.assert_close(torch.tensor(b.tail_entropy), torch.tensor(a.tail_entropy), rtol=1e-4, atol=1e-5)
 
 
@@ -275,19 +275,26 @@ def test_staggered_requests_give_their_solo_text_whether_results_are_read_at_onc
         assert sum(e.finished for e in events if e.request_id == rid) == 1
 
 
+# Fraction of fp32's tokens a 16-bit engine reproduces before each sequence's first difference.
+# Measured (bench/dtype_agreement.py, 64 × 64 tokens): fp16 98.5–100 %, bf16 66–85.5 %; bf16's
+# figure moves with the CPU's reduction order (72 % here on CI's machine at 2 threads), so its bar
+# only catches a broken engine (a wrong dtype, a bf16 tail: those fall far below it).
+AGREEMENT_FLOOR = {torch.bfloat16: 0.5, torch.float16: 0.8}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_engines_keep_the_tail_in_fp32_and_mostly_agree_with_fp32(dtype):
     """Weights and KV cache in 16 bits; the tail, the last committed vector and the update in
-    fp32. On the shipped model the inert-tail commits agree with fp32 on ≥ 80 % of the tokens
-    before each sequence's first difference (measured: bench/dtype_agreement.py)."""
+    fp32; the commits mostly agree with fp32's (AGREEMENT_FLOOR)."""
     from tmfast import load_checkpoint
     from tmfast.checkpoint import DEFAULT_CHECKPOINT
     from tmfast.engine import Engine
-    prompts = ["And God said", "In the beginning", "And it came to pass", "The LORD is my shepherd"]
+    prompts = ["And God said", "In the beginning", "And it came to pass", "The LORD is my shepherd",
+               "Blessed are the", "And the king", "Now the serpent was", "Thus saith the LORD"]
     out = {}
     for dt in (torch.float32, dtype):
         m, tok = load_checkpoint(DEFAULT_CHECKPOINT, dtype=dt)
-        eng = Engine(m, tok, max_batch=4, k_window=16)
+        eng = Engine(m, tok, max_batch=len(prompts), k_window=16)
         st = eng._batch.state
         assert st.tail.dtype == st.last.dtype == torch.float32 and eng._batch.cache.k[0].dtype == dt
         ids = [eng.add_request(p, GenerationConfig(max_new_tokens=24, seed=i)) for i, p in enumerate(prompts)]
@@ -296,4 +303,4 @@ def test_16_bit_engines_keep_the_tail_in_fp32_and_mostly_agree_with_fp32(dtype):
         assert all(len(s) == 24 for s in out[dt])
     agree = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
                 for x, y in zip(out[torch.float32], out[dtype]))
-    assert agree / (24 * len(prompts)) >= 0.8
+    assert agree / (24 * len(prompts)) >= AGREEMENT_FLOOR[dtype]

@@ -3,7 +3,7 @@ import openai
 import pytest
 
 from tmfast.engine import Engine
-from test_server import Served, make_model, server, tok  # noqa: F401  the live-server fixtures, shared
+from test_server import Served, make_model, post, server, slowed, tok, wait_until  # noqa: F401  shared fixtures
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +93,16 @@ def test_a_prompt_over_the_context_is_a_bad_request(client):
 
 
 def test_a_full_queue_is_a_rate_limit_error(tok):
-    s = Served(Engine(make_model(tok), tok, max_batch=1, k_window=4, max_queue=0))
+    from concurrent.futures import ThreadPoolExecutor
+    s = Served(slowed(Engine(make_model(tok), tok, max_batch=1, k_window=4, max_queue=0), 0.02))
     try:
         c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0, timeout=30)
-        with pytest.raises(openai.RateLimitError) as info:
-            c.completions.create(model="tiny", prompt="Hello", max_tokens=2, extra_body={"tail": 4})
-        assert info.value.response.headers["retry-after"]
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the one slot busy, no waiting allowed
+            first = pool.submit(post, s.url, {"prompt": "long", "max_tokens": 40, "tail": 4})
+            assert wait_until(lambda: s.engine.num_running == 1, 5)
+            with pytest.raises(openai.RateLimitError) as info:
+                c.completions.create(model="tiny", prompt="Hello", max_tokens=2, extra_body={"tail": 4})
+            assert info.value.response.headers["retry-after"]
+            assert first.result().status_code == 200
     finally:
         s.close()

@@ -12,7 +12,7 @@ import uvicorn
 from tmfast.testing import byte_tokenizer, tiny_model
 from tmfast import GenerationConfig, MaturationEngine
 from tmfast.engine import Engine
-from tmfast.server import create_app
+from tmfast.server import create_app, server_config
 
 
 def make_model(tok):
@@ -38,12 +38,12 @@ def reference(tok):
 
 
 class Served:
-    def __init__(self, engine, **app_options):
+    def __init__(self, engine, server_options=None, **app_options):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.engine, self.app = engine, create_app(engine, "tiny", **app_options)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.server = uvicorn.Server(server_config(self.app, log_level="warning", **(server_options or {})))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -139,11 +139,18 @@ def test_bad_requests_get_a_4xx_naming_the_field(served, payload, status, param)
     assert err["param"] == param and err["message"]
 
 
-def test_queue_full_is_a_429(tok):
-    s = Served(Engine(make_model(tok), tok, max_batch=1, k_window=4, max_queue=0))
+def test_max_queue_0_means_no_waiting_not_no_requests(tok):
+    """max_queue=0: a request a free slot takes is served; one that would have to wait is a 429."""
+    s = Served(slowed(Engine(make_model(tok), tok, max_batch=1, k_window=4, max_queue=0), 0.02))
     try:
-        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "tail": 4}, timeout=30)
-        assert r.status_code == 429 and r.json()["error"]["type"] == "queue_full"
+        assert post(s.url, {"prompt": "hi", "tail": 4, "max_tokens": 3}).status_code == 200
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            first = pool.submit(post, s.url, {"prompt": "long", "max_tokens": 40, "tail": 4})
+            assert wait_until(lambda: s.engine.num_running == 1, 5)
+            r = post(s.url, {"prompt": "hi", "tail": 4})
+            assert r.status_code == 429 and r.json()["error"]["type"] == "queue_full"
+            assert int(r.headers["retry-after"]) >= 1 and set(r.json()["error"]) == ERROR_KEYS
+            assert first.result().status_code == 200
     finally:
         s.close()
 
@@ -491,16 +498,6 @@ def test_every_error_has_one_shape(server, served):
     assert post(served, {"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
-def test_a_full_queue_is_a_429_with_retry_after(tok):
-    s = Served(Engine(make_model(tok), tok, max_batch=1, k_window=4, max_queue=0))
-    try:
-        r = post(s.url, {"prompt": "hi", "tail": 4})
-        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-        assert set(r.json()["error"]) == ERROR_KEYS and r.json()["error"]["code"] == "queue_full"
-    finally:
-        s.close()
-
-
 def test_several_prompts_are_queued_all_or_none(tok):
     s = Served(slowed(Engine(make_model(tok), tok, max_batch=1, k_window=4, max_queue=2), 0.02))
     try:
@@ -512,8 +509,8 @@ def test_several_prompts_are_queued_all_or_none(tok):
             r = post(s.url, {"prompt": ["a", "b"], "max_tokens": 4, "tail": 4})  # room for one of the two
             assert r.status_code == 429 and r.headers["retry-after"]
             assert s.engine.num_queued == 1  # the one that fitted was taken back
-            r = post(s.url, {"prompt": ["a", "b", "c"], "max_tokens": 4, "tail": 4})
-            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # can never fit the queue
+            r = post(s.url, {"prompt": ["a", "b", "c", "d"], "max_tokens": 4, "tail": 4})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # can never fit (1 slot + 2)
             assert first.result().status_code == 200 and second.result().status_code == 200
     finally:
         s.close()

@@ -60,12 +60,18 @@ def test_abort_mid_flight_and_in_queue(model):
 
 def test_queue_limit_and_up_front_rejection(model):
     engine = Engine(model, max_batch=1, max_len=64, k_window=8, max_queue=2)
-    engine.add_request([1, 2], GENS[0])
-    engine.add_request([1, 2], GENS[0])
+    for _ in range(3):  # one for the free slot, two waiting
+        engine.add_request([1, 2], GENS[0])
     with pytest.raises(QueueFullError, match="queue is full"):
         engine.add_request([1, 2], GENS[0])
-    engine.step()  # admits one: room in the queue again
-    engine.add_request([1, 2], GENS[0])
+    engine.step()  # admits one: the slot is taken, two still wait
+    with pytest.raises(QueueFullError):
+        engine.add_request([1, 2], GENS[0])
+    zero = Engine(model, max_batch=2, max_len=64, k_window=8, max_queue=0)  # 0: no waiting, not no requests
+    zero.add_request([1, 2], GENS[0])
+    zero.add_request([1, 2], GENS[0])
+    with pytest.raises(QueueFullError):
+        zero.add_request([1, 2], GENS[0])
     with pytest.raises(GenerationError, match="at most") as e:
         engine.add_request([1, 2], GenerationConfig(max_new_tokens=100, tail=4))
     assert e.value.param == "max_new_tokens"

@@ -291,28 +291,60 @@ def load_checkpoint(directory: str | os.PathLike, device="cpu", dtype=None) -> t
     _check_config(raw, cfg_path)
     try:
         cfg = ModelConfig.from_dict(raw)
-        model = TMModel(cfg)
+        with torch.device("meta"):  # shapes only: nothing is allocated until they are checked
+            skeleton = TMModel(cfg)
     except (ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"bad {CONFIG_NAME} in {directory}: {one_line(e)}") from None
     weights = directory / WEIGHTS_NAME
+    _check_shapes(skeleton, weights, directory)
+    tokenizer = load_tokenizer(directory)
+    if tokenizer is not None and tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise CheckpointError(f"the tokenizer in {directory} has {tokenizer.get_vocab_size()} tokens, more than the "
+                              f"model's vocab_size={cfg.vocab_size}: its ids would not fit the table")
     try:
         state = load_file(str(weights))
     except Exception as e:  # SafetensorError (truncated, bad header), OSError
         raise CheckpointError(f"cannot read {weights}: {one_line(e)} (truncated or corrupt?)") from None
+    bad = next((name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:  # a model that can only fail: refuse it here, not request by request
+        raise CheckpointError(f"weights in {directory} are not finite ({bad} holds NaN or inf)")
+    model = TMModel(cfg)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
+    except RuntimeError as e:  # shape mismatches (already checked against the header)
         first = str(e).strip().splitlines()[-1].strip()
         raise CheckpointError(f"weights in {directory} do not match its config: {first}") from None
     if missing or unexpected:
         raise CheckpointError(f"weights in {directory} do not match its config "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    tokenizer = load_tokenizer(directory)
     try:
         model.to(device=dev, dtype=dtype)
     except (RuntimeError, AssertionError) as e:
         raise CheckpointError(f"cannot move the model to {device!r}: {one_line(e)}") from None
     return model.eval(), tokenizer
+
+
+def _check_shapes(skeleton: TMModel, weights: Path, directory: Path) -> None:
+    """The config against the weights file's header (read without loading any tensor): a config
+    that does not describe these weights — say, a vocab_size of millions — is refused before
+    anything of its size is allocated."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError (truncated, bad header), OSError
+        raise CheckpointError(f"cannot read {weights}: {one_line(e)} (truncated or corrupt?)") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"weights in {directory} do not match its config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wrong = [k for k in expected if expected[k] != stored[k]]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"weights in {directory} do not match its config: {k} is {list(stored[k])} in "
+                              f"{WEIGHTS_NAME}, {list(expected[k])} by {CONFIG_NAME}")
 
 
 def from_hf_gpt2(name_or_path: str, radius: float | None = None, k_max: int = 64,

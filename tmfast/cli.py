@@ -7,10 +7,7 @@ every result before it are done (input order). Exit codes: 0 done, 1 a generatio
 """
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
-import math
 import os
 import sys
 from contextlib import nullcontext
@@ -21,129 +18,13 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import torch
 
 from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
+from .cli_args import GENERATE_MAX_BATCH  # noqa: F401 (cli.GENERATE_MAX_BATCH: the generate default)
+from .cli_args import DEFAULTS, GENERATION_FLAGS, UsageError, _field, build_parser
 from .config import ConfigError, GenerationConfig, one_line
 from .engine import Engine, GenerationError, check_fits, check_impl, max_prompt_chars, prompt_ids
 
-DEFAULTS = GenerationConfig()  # the one source of every generation default (Python, HTTP and CLI)
-ENGINE_DEFAULTS = {k: p.default for k, p in inspect.signature(Engine.__init__).parameters.items()}
-GENERATE_MAX_BATCH = 32  # a batch file's throughput grows with the batch on CPU (README, "Throughput")
-DTYPES = ("float32", "bfloat16", "float16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-class UsageError(ValueError):
-    """A user mistake the CLI finds itself: one line, exit 2."""
-
-
 class GenerationFailed(RuntimeError):
     """A request ended in error: one line, exit 1."""
-
-
-# -- arguments -------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
-        self.exit(2, f"tmfast: error: {message} (see `{self.prog} --help`)\n")
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # "(default: …)" where there is one to show
-        text = action.help or ""
-        if action.default in (None, argparse.SUPPRESS) or "default" in text or not action.option_strings:
-            return text
-        shown = "none" if action.default in ([], ()) else "%(default)s"
-        return f"{text} (default: {shown})"
-
-
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return v
-
-
-def _int_at_least(lo: int, hi: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"must be >= {lo}" + (f" and <= {hi}" if hi else "") + f", got {v}")
-        return v
-    return parse
-
-
-# the GenerationConfig fields the CLI sets, by flag: (flag, type, metavar, help)
-GENERATION_FLAGS = [
-    ("--max-new-tokens", int, "N", "tokens to commit at most"),
-    ("--tail", int, "K", "liquid tail length K (1 = projected AR)"),
-    ("--guidance", _finite_float, "S", "guidance scale s (1 = off)"),
-    ("--alpha-max", _finite_float, "A", "front-slot step size α_max"),
-    ("--alpha-min", _finite_float, "A", "back-slot step size (default: α_max / K)"),
-    ("--embryo-scale", _finite_float, "X", "embryo norm / table radius"),
-    ("--history-noise", _finite_float, "X", "noise norm / R added to committed vectors as the model reads them"),
-    ("--tail-noise", _finite_float, "X",
-     "stochastic dynamics: noise norm / R added to each tail slot per update (× √α)"),
-    ("--seed", int, "N", "embryo and noise seed (every prompt gets this seed)"),
-]
-
-
-def _field(flag: str) -> str:
-    return flag[2:].replace("-", "_")
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", metavar="DIR", help=f"checkpoint directory (default: the shipped model, "
-                                                       f"{DEFAULT_CHECKPOINT})")
-    p.add_argument("--device", default="cpu", metavar="DEV", help="torch device: cpu, cuda, cuda:N, mps, …")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights and KV cache (the tail and its update stay float32; "
-                        "default: bfloat16 on CUDA, float32 elsewhere)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the generation step")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
-                   help="torch.compile mode with --compile (default: reduce-overhead — CUDA graphs — on CUDA, "
-                        "default elsewhere)")
-    p.add_argument("--impl", choices=("auto", "triton", "torch"), default=None,
-                   help="kernel implementation (default: auto — Triton on CUDA, torch elsewhere)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d, e = DEFAULTS, ENGINE_DEFAULTS
-    p = _Parser(prog="tmfast", description="Token Maturation generation engine")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    g = sub.add_parser("generate", help="generate text from a prompt or a file of prompts", formatter_class=_Help,
-                       description="Generate a continuation of a prompt, or of every line of --batch-file "
-                                   "(streamed: results print in input order as they finish).")
-    g.add_argument("prompt", nargs="?", help="the prompt (or use --batch-file)")
-    _common(g)
-    g.add_argument("--batch-file", metavar="FILE",
-                   help="a UTF-8 file of prompts, one per line (blank lines skipped), read as it runs")
-    g.add_argument("--max-batch", type=_int_at_least(1), default=GENERATE_MAX_BATCH, metavar="N",
-                   help="sequences stepped together (a batch file's prompts run this many at a time)")
-    for flag, kind, metavar, text in GENERATION_FLAGS:  # defaults: GenerationConfig()'s
-        g.add_argument(flag, type=kind, metavar=metavar, default=getattr(d, _field(flag)), help=text)
-    g.add_argument("--stop", action="append", default=list(d.stop), metavar="STR", help="stop string (repeatable)")
-    g.add_argument("--show-tail", action="store_true",
-                   help="live view of each running sequence: committed text + the tail's nearest tokens")
-    g.add_argument("--json", action="store_true", help="print results as JSON lines")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar on stderr for a batch file (default: when stderr is a terminal)")
-
-    sv = sub.add_parser("serve", help="serve /v1/completions over HTTP (continuous batching)",
-                        formatter_class=_Help)
-    _common(sv)
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    sv.add_argument("--port", type=_int_at_least(1, 65535), metavar="N", default=8000, help="port to listen on")
-    sv.add_argument("--max-batch", type=_int_at_least(1), metavar="N", default=e["max_batch"],
-                    help="sequences stepped together")
-    sv.add_argument("--k-window", type=_int_at_least(1), metavar="K", default=e["k_window"],
-                    help="largest tail length a request may ask for (at most the model's k_max)")
-    sv.add_argument("--max-queue", type=_int_at_least(0), metavar="N", default=e["max_queue"],
-                    help="waiting requests before 429s")
-    return p
 
 
 # -- set-up ----------------------------------------------------------------------------------
@@ -283,7 +164,7 @@ def stream_results(engine: Engine, prompts: Iterable[Prompt | str], gen: Generat
                 if item is None:  # an abort's last event
                     continue
                 if on_step is not None:
-                    tail = [decode([t]) for t in (ev.tail_tokens or [])[1:]]
+                    tail = [decode([t]) for t in (ev.tail_token_ids or [])[1:]]
                     ticks.append(Tick(item.index, item.prompt.text, item.steps, item.view.text, tail, ev.finished))
                 item.steps += 1
                 if not ev.finished:
@@ -320,6 +201,19 @@ def _gen_config(args) -> GenerationConfig:
     return DEFAULTS.overriding(**values, stop=tuple(args.stop))
 
 
+def inert_note(args, gen: GenerationConfig) -> str | None:
+    """The flags given that cannot change the text at these settings: at α_max = 1 the front is the
+    prediction from history, so nothing in the tail reaches a commit (README, "How a step works")."""
+    if gen.alpha_profile()[0] < 1.0:
+        return None
+    given = [flag for flag in ("--guidance", "--alpha-min", "--embryo-scale")
+             if getattr(args, _field(flag)) != getattr(DEFAULTS, _field(flag))]
+    if not given:
+        return None
+    return (f"{', '.join(given)} change{'s' if len(given) == 1 else ''} nothing at --alpha-max 1: the tail is "
+            "inert (the front is overwritten by the prediction from history); try --alpha-max 0.7")
+
+
 def _format(r: Result, as_json: bool) -> str:
     if not as_json:
         return r.prompt + r.text
@@ -342,6 +236,8 @@ def cmd_generate(args, out=None, err=None) -> int:
         if args.prompt is not None:
             raise UsageError("give a prompt or --batch-file, not both")
         path = Path(args.batch_file)
+        if path.is_dir():
+            raise UsageError(f"batch file {path} is a directory, not a file of prompts")
         if not path.is_file():
             raise UsageError(f"batch file not found: {path}")
         source = lambda: read_prompts(path)  # noqa: E731 — read twice: checked, then run
@@ -355,6 +251,9 @@ def cmd_generate(args, out=None, err=None) -> int:
     device = check_device(args.device)
     check_impl(args.impl, device)
     mode = _compile_mode(args)
+    note = inert_note(args, gen)
+    if note:
+        print(f"tmfast: note: {note}", file=err)
     model, tokenizer = _load(args)
     total, longest = check_prompts(source(), model, tokenizer, gen)
     if total == 0:
@@ -373,8 +272,8 @@ def cmd_generate(args, out=None, err=None) -> int:
     def status() -> str:
         return (f"tmfast generate · {finished}/{total} done · {engine.num_running} running"
                 f" · {engine.num_queued} queued")
-    if args.show_tail:
-        view = LiveTailView(Console(file=out, highlight=False), status) if out_tty else PlainTailView(out)
+    if args.show_tail:  # not on a terminal: plain view lines on stderr, so stdout stays the results
+        view = LiveTailView(Console(file=out, highlight=False), status) if out_tty else PlainTailView(err)
     bar = args.progress if args.progress is not None else (err_tty and args.batch_file is not None)
     if isinstance(view, LiveTailView):
         bar = False  # the live view counts what is done in its status line
@@ -385,7 +284,7 @@ def cmd_generate(args, out=None, err=None) -> int:
         progress, task = make_progress(console, total)
 
     def emit(line: str) -> None:
-        if view is not None:
+        if isinstance(view, LiveTailView):  # the plain view is on stderr: results stay on stdout
             view.print(line)
         elif progress is not None and progress.console.file is out:
             progress.console.print(line, soft_wrap=True, markup=False, highlight=False, emoji=False)
@@ -411,8 +310,20 @@ def cmd_generate(args, out=None, err=None) -> int:
     return 0
 
 
+def check_port(host: str, port: int) -> None:
+    """The port must be free before anything loads: one line, not uvicorn's six and exit 3."""
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+            sock.bind((host, port))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args) -> int:
     from .server import serve
+    check_port(args.host, args.port)
     device = check_device(args.device)
     check_impl(args.impl, device)
     mode = _compile_mode(args)
@@ -423,7 +334,7 @@ def cmd_serve(args) -> int:
                     max_queue=args.max_queue, compile=args.compile, impl=args.impl, compile_mode=mode)
     name = Path(args.checkpoint).name if args.checkpoint else "tmfast-default"
     # --compile: every step variant compiles before /health says ready ("starting" until then)
-    serve(engine, args.host, args.port, model_name=name, warmup=args.compile)
+    serve(engine, args.host, args.port, model_name=name, warmup=args.compile, read_timeout=args.read_timeout)
     return 0
 
 

@@ -16,6 +16,15 @@ class ConfigError(ValueError):
         self.param = param
 
 
+def unicode_error(text: str) -> str | None:
+    """Why a str is not text a tokenizer takes (a lone surrogate such as JSON's "\\ud800"), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{e.reason} at character {e.start}"
+    return None
+
+
 def one_line(e: BaseException) -> str:
     """An exception as one line for a user: its first non-empty line, whitespace collapsed."""
     lines = [" ".join(x.split()) for x in str(e).splitlines() if x.strip()]
@@ -168,6 +177,9 @@ class GenerationConfig:
         self.stop = tuple(self.stop)
         if any(not x for x in self.stop):
             raise ConfigError("stop strings must be non-empty", "stop")
+        bad = next((e for e in map(unicode_error, self.stop) if e), None)
+        if bad:
+            raise ConfigError(f"stop strings must be valid Unicode ({bad})", "stop")
         if len(self.stop) > self.MAX_STOP_STRINGS or any(len(x) > self.MAX_STOP_CHARS for x in self.stop):
             raise ConfigError(f"at most {self.MAX_STOP_STRINGS} stop strings of at most {self.MAX_STOP_CHARS} "
                               "characters each", "stop")

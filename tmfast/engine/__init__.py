@@ -14,14 +14,14 @@
   closed.py      MaturationEngine: closed batches (generate / stream), StepEvent, GenerationResult
 """
 from .closed import GenerationResult, MaturationEngine, StepEvent
-from .continuous import STEP_KINDS, Engine, RequestEvent, RequestView, check_impl, default_compile_mode
+from .continuous import STEP_KINDS, Engine, EngineBusyError, RequestEvent, RequestView, check_impl, default_compile_mode
 from .requests import (GenerationError, QueueFullError, Sequence, check_fits, max_prompt_chars, prompt_ids,
                        prompt_input, prompt_vectors)
 from .slots import DecodeBatch, SlotInfo, StepOutput, row_buckets, span_buckets
 from .step import SlotTensors, StepConstants, decode_step_tensors, step_draws, step_window
 
 __all__ = [
-    "DecodeBatch", "Engine", "GenerationError", "GenerationResult", "MaturationEngine", "QueueFullError",
+    "DecodeBatch", "Engine", "EngineBusyError", "GenerationError", "GenerationResult", "MaturationEngine", "QueueFullError",
     "RequestEvent", "RequestView", "STEP_KINDS", "Sequence", "SlotInfo", "SlotTensors", "StepConstants",
     "StepEvent", "StepOutput", "check_fits", "check_impl", "decode_step_tensors", "default_compile_mode",
     "max_prompt_chars", "prompt_ids", "prompt_input", "prompt_vectors", "row_buckets", "span_buckets",

@@ -25,10 +25,19 @@ class GenerationResult:
 class StepEvent:
     step: int
     committed: list[int | None]  # token committed this step, per sequence (None: finished or EOS)
-    tail_tokens: list[list[int]] | None = None  # nearest token per tail slot after the update, front first
+    tail_token_ids: list[list[int]] | None = None  # nearest token per tail slot after the update, front first
     tail_entropy: list[list[float]] | None = None  # entropy of softmax(cos(z̃,E)/τ) per tail slot
     delta_norm: list[list[float]] | None = None  # ‖Δz̃‖ per tail slot
     texts: list[str] = field(default_factory=list)  # committed text so far (when show_tail or stop strings)
+
+
+def _config(g) -> GenerationConfig:
+    """A GenerationConfig, or a dict of its fields (as Engine.add_request takes)."""
+    if isinstance(g, GenerationConfig):
+        return g
+    if isinstance(g, dict):
+        return GenerationConfig.from_dict(g)
+    raise GenerationError(f"generation settings must be a GenerationConfig or a dict, got {type(g).__name__}")
 
 
 class MaturationEngine:
@@ -62,7 +71,7 @@ class MaturationEngine:
             self._shape = shape
         return self._engine
 
-    def generate(self, prompts, gen: GenerationConfig | Seq[GenerationConfig] | None = None,
+    def generate(self, prompts, gen: GenerationConfig | dict | Seq[GenerationConfig | dict] | None = None,
                  on_step: Callable[[StepEvent], None] | None = None, show_tail: bool = False,
                  entropy_tau: float | None = None) -> list[GenerationResult]:
         """Generate for a batch of prompts (strings, token-id lists or (T,d) tensors)."""
@@ -84,9 +93,10 @@ class MaturationEngine:
         if not len(prompts):
             raise GenerationError("no prompts given")
         B = len(prompts)
-        gens = list(gen) if isinstance(gen, (list, tuple)) else [gen or GenerationConfig()] * B
+        gens = list(gen) if isinstance(gen, (list, tuple)) else [gen if gen is not None else GenerationConfig()] * B
         if len(gens) != B:
             raise GenerationError(f"{len(gens)} generation configs for {B} prompts")
+        gens = [_config(g) for g in gens]
         parsed = [prompt_input(self.model, self.tokenizer, p) for p in prompts]
         lengths = [len(ids) if v is None else len(v) for ids, v in parsed]
         for n, g in zip(lengths, gens):  # before anything is allocated
@@ -107,7 +117,7 @@ class MaturationEngine:
             while engine.has_work:
                 ev = StepEvent(step, [None] * B)
                 if show:
-                    ev.tail_tokens = [[] for _ in range(B)]
+                    ev.tail_token_ids = [[] for _ in range(B)]
                 if stats:
                     ev.tail_entropy, ev.delta_norm = [[] for _ in range(B)], [[] for _ in range(B)]
                 events = engine.step()
@@ -120,7 +130,7 @@ class MaturationEngine:
                     ev.committed[b] = e.token_ids[0] if e.token_ids else None
                     errors[b] = e.error
                     if show:
-                        ev.tail_tokens[b] = e.tail_tokens
+                        ev.tail_token_ids[b] = e.tail_token_ids
                     if stats:
                         ev.tail_entropy[b], ev.delta_norm[b] = e.tail_entropy, e.delta_norm
                 ev.texts = [v.text for v in views]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import threading
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,36 @@ def default_compile_mode(device: torch.device) -> str | None:
 def check_impl(impl: str | None, device: torch.device) -> None:
     """Fail at construction, in one line, when the kernel implementation asked for cannot run here."""
     try:
-        resolve_impl(impl, device, "tmfast")
+        resolve_impl(impl, device, "kernels")
     except (RuntimeError, ValueError) as e:
         raise GenerationError(str(e), "impl") from None
+
+
+def _int_arg(name: str, value, lo: int, hi: int | None = None, what: str | None = None) -> None:
+    """An engine argument that must be an int (not a bool, not a float) in [lo, hi]: one line."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    if not ok:
+        raise GenerationError(f"{name} must be an integer {what or (f'>= {lo}' if hi is None else f'in [{lo}, {hi}]')}, "
+                              f"got {value!r}", name)
+
+
+class EngineBusyError(RuntimeError):
+    """Two threads called into one Engine at once: the engine is not thread-safe; serialise calls."""
+
+
+def _exclusive(method):
+    """One caller at a time: a second thread calling in while the first is inside gets an
+    EngineBusyError before anything is touched (the engine's state stays as the first leaves it)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if not self._busy.acquire(blocking=False):
+            raise EngineBusyError(f"Engine.{method.__name__}() while another thread is inside the engine: "
+                                  "it is not thread-safe, serialise calls (tmfast serve runs one loop thread)")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy.release()
+    return call
 
 
 @dataclass(slots=True)
@@ -42,7 +71,7 @@ class RequestEvent:
     text: str  # new text to append
     finished: bool = False
     finish_reason: str | None = None  # "eos" | "stop" | "length" | "abort" | "error"
-    tail_tokens: list[int] | None = None  # nearest token per tail slot (return_tail)
+    tail_token_ids: list[int] | None = None  # nearest token per tail slot (return_tail)
     tail_entropy: list[float] | None = None  # per tail slot (return_stats)
     delta_norm: list[float] | None = None  # ‖Δz̃‖ per tail slot (return_stats)
     vectors: torch.Tensor | None = None  # committed vectors (return_vectors)
@@ -97,14 +126,17 @@ class Engine:
             from ..checkpoint import load_checkpoint
             model, loaded_tok = load_checkpoint(model)
             tokenizer = tokenizer or loaded_tok
+        if not isinstance(model, TMModel):
+            raise GenerationError(f"model must be a TMModel or a checkpoint directory, got {type(model).__name__}")
         cfg = model.config
         device = model.table.weight.device
         check_impl(impl, device)
-        if not 1 <= k_window <= cfg.k_max:
-            raise GenerationError(f"k_window must lie in [1, k_max={cfg.k_max}], got {k_window}")
-        if max_batch < 1 or max_queue < 0:
-            raise GenerationError("max_batch must be >= 1 and max_queue >= 0")
-        if pipeline not in (None, 0, 1):
+        _int_arg("k_window", k_window, 1, cfg.k_max, f"[1, k_max={cfg.k_max}]")
+        _int_arg("max_batch", max_batch, 1)
+        _int_arg("max_queue", max_queue, 0)
+        if max_len is not None:  # the cache must hold a 1-token prompt, its tail and one new token
+            _int_arg("max_len", max_len, k_window + 1, None, f">= k_window + 1 = {k_window + 1}")
+        if pipeline not in (None, 0, 1) or isinstance(pipeline, bool):
             raise GenerationError(f"pipeline must be 0 or 1 (steps in flight while results are read), got {pipeline!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_len = max_len or cfg.n_positions + k_window - 1
@@ -119,9 +151,12 @@ class Engine:
         step_fn = decode_step_tensors
         if compile:
             step_fn = torch.compile(decode_step_tensors, fullgraph=True, dynamic=False, mode=self.compile_mode)
-        self._batch = DecodeBatch(model, max_batch, self.max_len, k_window, step_fn, impl, compiled=compile,
-                                  cuda_graphs=compile and device.type == "cuda"
-                                  and "reduce-overhead" in (self.compile_mode or ""))
+        try:
+            self._batch = DecodeBatch(model, max_batch, self.max_len, k_window, step_fn, impl, compiled=compile,
+                                      cuda_graphs=compile and device.type == "cuda"
+                                      and "reduce-overhead" in (self.compile_mode or ""))
+        except MemoryError as e:  # the cache would not fit: a user's setting, said in one line
+            raise GenerationError(str(e), "max_batch") from None
         if self._batch.cuda_graphs:  # one CUDA graph per (rows, span, kind): expected, not a warning
             import torch._inductor.config as inductor_config
             inductor_config.triton.cudagraph_dynamic_shape_warn_limit = None
@@ -139,6 +174,7 @@ class Engine:
         self._n_watched = 0
         self._host_table: torch.Tensor | None = None  # for return_vectors, made on first use
         self._ids = itertools.count()
+        self._busy = threading.Lock()  # see _exclusive
 
     # -- what the engine is ------------------------------------------------------------
     @property
@@ -163,6 +199,7 @@ class Engine:
         return len(self._queue)
 
     # -- requests ----------------------------------------------------------------------
+    @_exclusive
     def add_request(self, prompt, params: GenerationConfig | dict | None = None, *,
                     request_id: str | None = None, return_tail: bool = False, return_stats: bool = False,
                     return_vectors: bool = False, track_text: bool | None = None,
@@ -179,7 +216,10 @@ class Engine:
         tau = self.entropy_tau if entropy_tau is None else entropy_tau
         if not (isinstance(tau, (int, float)) and tau > 0):
             raise GenerationError(f"entropy_tau must be a positive number, got {tau!r}", "entropy_tau")
-        if len(self._queue) >= self.max_queue:  # after validation: a bad request hears what is wrong
+        # after validation (a bad request hears what is wrong); a request that a free slot takes at
+        # the next step is not waiting, so max_queue=0 means "no waiting", not "nothing runs"
+        free = self._batch.max_batch - self._batch.n_active
+        if len(self._queue) >= self.max_queue + free:
             raise QueueFullError(f"request queue is full ({self.max_queue} waiting); retry later")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if any(r.seq.id == rid for r in itertools.chain(self._queue, self._running)):
@@ -196,6 +236,7 @@ class Engine:
                 return RequestView(r.seq)
         raise KeyError(f"no queued or running request {request_id!r}")
 
+    @_exclusive
     def abort(self, request_id: str) -> bool:
         """End a request now (queued or running); its last event has finish_reason 'abort'."""
         for r in list(self._queue):
@@ -218,6 +259,7 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._queue or self._running or self._aborted or self._pending)
 
+    @_exclusive
     def step(self) -> list[RequestEvent]:
         """Admit what fits, launch one step of every running request, return events.
 
@@ -314,7 +356,7 @@ class Engine:
             return ev
         K = seq.gen.tail
         if r.return_tail:
-            ev.tail_tokens = out.tail_ids[slot][:K]
+            ev.tail_token_ids = out.tail_ids[slot][:K]
         if r.return_stats:
             ev.tail_entropy = out.tail_entropy[r.entropy_tau][slot][:K]
             ev.delta_norm = out.delta_norm[slot][:K]
@@ -324,6 +366,7 @@ class Engine:
             ev.vectors = self._host_table[committed]
         return ev
 
+    @_exclusive
     def fail_running(self, message: str) -> list[RequestEvent]:
         """End every running request with an error (after a failed step); queued ones stay.
         Never raises: if freeing a slot fails too, every slot is reset and scrubbed."""
@@ -350,6 +393,7 @@ class Engine:
         return events
 
     # -- start-up ----------------------------------------------------------------------
+    @_exclusive
     def warmup(self, on_variant: Callable[[int, int], None] | None = None) -> int:
         """Compile every step variant now, not under the first requests: each row bucket × span
         bucket × step kind (front-only, tail, guided tail), each run often enough that CUDA graphs

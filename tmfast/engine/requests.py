@@ -6,7 +6,7 @@ import operator
 import torch
 from tokenizers.decoders import DecodeStream
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, unicode_error
 from ..model import TMModel
 
 
@@ -53,11 +53,9 @@ def prompt_ids(model: TMModel, tokenizer, prompt, max_chars: int | None = None) 
         if max_chars is not None and len(prompt) > max_chars:
             raise GenerationError(f"prompt of {len(prompt)} characters does not fit the model context of "
                                   f"{cfg.n_positions} positions", "prompt")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise GenerationError(f"prompt is not valid Unicode ({e.reason} at character {e.start})",
-                                  "prompt") from None
+        bad = unicode_error(prompt)
+        if bad:
+            raise GenerationError(f"prompt is not valid Unicode ({bad})", "prompt")
         ids = tokenizer.encode(prompt).ids
     else:
         if isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__iter__"):
@@ -83,6 +81,9 @@ def prompt_vectors(model: TMModel, tokenizer, prompt, max_chars: int | None = No
     """(token ids or None, committed vectors (T,d)) for a text, token-id or vector prompt."""
     cfg, table = model.config, model.table.weight
     if isinstance(prompt, torch.Tensor):
+        if prompt.layout != torch.strided or prompt.is_meta:
+            what = "a meta tensor" if prompt.is_meta else f"a {str(prompt.layout).replace('torch.', '')} tensor"
+            raise GenerationError(f"prompt vectors must be a dense tensor with values, got {what}", "prompt")
         if prompt.dim() != 2 or prompt.shape[1] != cfg.n_embd or prompt.shape[0] == 0:
             raise GenerationError(f"prompt vectors must have shape (T>0, {cfg.n_embd}), "
                                   f"got {tuple(prompt.shape)}", "prompt")

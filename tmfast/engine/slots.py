@@ -46,6 +46,29 @@ class PendingStep:
     probe: tuple | None  # (Kw, taus) when the packet carries the probe
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can still take on this device (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(model: TMModel, rows: int, slots: int) -> None:
+    """Refuse, in one line and before allocating, a KV cache the device cannot hold."""
+    c, p = model.config, model.table.weight
+    need = 2 * c.n_layer * rows * slots * c.n_embd * p.element_size()
+    free = available_bytes(p.device)
+    if free is not None and need > 0.9 * free:
+        raise MemoryError(f"a KV cache of {rows} rows × {slots} slots needs {need / 2 ** 30:.1f} GiB; "
+                          f"{free / 2 ** 30:.1f} GiB is available on {p.device}: lower max_batch (or max_len)")
+
+
 def row_buckets(max_batch: int) -> list[int]:
     """Rows a step computes: the running count rounded up to a power of two (capped)."""
     sizes, n = [], 1
@@ -101,7 +124,9 @@ class DecodeBatch:
         # buckets but batch 1); a slice of the whole cache dimension would be specialised
         # (another graph), so a compiled batch keeps one spare row and slot it never uses
         spare = 1 if compiled else 0
-        self.cache = model.new_cache(max_batch + (spare if max_batch > 1 else 0), self.scratch + max_len + spare)
+        rows, slots_all = max_batch + (spare if max_batch > 1 else 0), self.scratch + max_len + spare
+        check_memory(model, rows, slots_all)
+        self.cache = model.new_cache(rows, slots_all)
         slots = self.scratch + max_len  # the ones in use
         model.cpu_weight_layout()
         table = model.table.weight.detach()

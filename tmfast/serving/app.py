@@ -28,8 +28,9 @@ from ..config import ConfigError
 from ..engine import Engine, GenerationError, QueueFullError, RequestEvent, prompt_ids
 from .loop import EngineLoop, EngineUnavailable, Sink
 from .metrics import ServerMetrics
-from .protocol import (ApiError, AsciiJSONResponse, CompletionRequest, api_name, check_supported, error_body,
-                       generation_config, is_unicode, openai_finish_reason, split_prompts, sse, validation_error)
+from .protocol import (ApiError, AsciiJSONResponse, CompletionRequest, api_message, api_name, check_supported,
+                       error_body,
+                       generation_config, openai_finish_reason, split_prompts, sse, validation_error)
 
 log = logging.getLogger("tmfast.server")
 COMPLETIONS = "/v1/completions"
@@ -42,8 +43,9 @@ class BodyLimit:
     A declared (Content-Length) or streamed (chunked) body is drained, up to `drain` bytes, so the
     client reads the 413 rather than a reset connection; nothing over the limit is kept."""
 
-    def __init__(self, app, limit: int, on_reject=None, drain: int = 64 << 20):
+    def __init__(self, app, limit: int, on_reject=None, drain: int = 64 << 20, on_disconnect=None):
         self.app, self.limit, self.on_reject, self.drain = app, limit, on_reject, drain
+        self.on_disconnect = on_disconnect  # (scope) a client that hung up before its body was whole
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -54,6 +56,10 @@ class BodyLimit:
         chunks, size, pending = [], 0, []
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":  # gone mid-body: nothing to answer, nobody to answer
+                if self.on_disconnect is not None:
+                    self.on_disconnect(scope)
+                return
             if message["type"] != "http.request":
                 pending.append(message)
                 break
@@ -175,7 +181,11 @@ def create_app(engine: Engine, model_name: str = "tmfast", *, max_body_bytes: in
     def reject(scope, rid):
         if scope.get("path") == COMPLETIONS:
             note(rid, "too_large", 413, time.perf_counter())
-    app.add_middleware(BodyLimit, limit=max_body_bytes, on_reject=reject)
+
+    def hung_up(scope):
+        if scope.get("path") == COMPLETIONS:
+            note(new_request_id(), "disconnected", 499, time.perf_counter(), error="hung up before the body was sent")
+    app.add_middleware(BodyLimit, limit=max_body_bytes, on_reject=reject, on_disconnect=hung_up)
 
     def error_response(request: Request, err: ApiError) -> Response:
         resp = err.response()
@@ -215,7 +225,7 @@ def create_app(engine: Engine, model_name: str = "tmfast", *, max_body_bytes: in
         return error_response(request, ApiError(500, f"internal server error ({type(exc).__name__})",
                                                 type="server_error", code="internal_error"))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD
     async def health():
         ok, why, code = loop.health()
         state = {"model": model_name, "running": engine.num_running, "queued": engine.num_queued,
@@ -250,11 +260,15 @@ def create_app(engine: Engine, model_name: str = "tmfast", *, max_body_bytes: in
     async def completions(body: CompletionRequest, request: Request):
         t0 = request.state.t0 = time.perf_counter()
         rid = request.state.rid = new_request_id()
+        if body.model is not None and body.model != model_name:
+            raise ApiError(404, f"model {body.model!r} not found (this server serves {model_name!r})", "model",
+                           code="model_not_found")
         check_supported(body)
         gen = generation_config(body, engine.k_window)
         prompts = split_prompts(body.prompt)
-        if len(prompts) > max(1, engine.max_queue):
-            raise ApiError(400, f"at most {max(1, engine.max_queue)} prompts per request", "prompt")
+        most = engine.max_queue + engine.max_batch  # every slot free and the queue empty
+        if len(prompts) > most:
+            raise ApiError(400, f"at most {most} prompts per request (max_batch + max_queue)", "prompt")
         ids = [await limits.token_ids(p) for p in prompts]
         rids = [rid] if len(ids) == 1 else [f"{rid}-{i}" for i in range(len(ids))]
         sink = Sink()
@@ -265,7 +279,7 @@ def create_app(engine: Engine, model_name: str = "tmfast", *, max_body_bytes: in
             raise ApiError(429, str(e), None, type="queue_full", code="queue_full",
                            headers={"Retry-After": str(retry_after)}) from None
         except (ConfigError, GenerationError) as e:
-            raise ApiError(400, str(e), api_name(e.param), code="invalid_value") from None
+            raise ApiError(400, api_message(str(e)), api_name(e.param), code="invalid_value") from None
         except EngineUnavailable as e:
             err = ApiError(503, str(e), type="server_error", code=e.code)
             if e.code == "engine_starting":
@@ -298,8 +312,8 @@ def create_app(engine: Engine, model_name: str = "tmfast", *, max_body_bytes: in
         def choice(ev: RequestEvent, text: str, finish: str | None) -> dict:
             c = {"index": index[ev.request_id], "text": text, "logprobs": None, "finish_reason": finish,
                  "token_ids": ev.token_ids}
-            if ev.tail_tokens is not None:
-                c["tail"] = [engine.tokenizer.decode([t]) for t in ev.tail_tokens[1:]]
+            if ev.tail_token_ids is not None:
+                c["tail"] = [engine.tokenizer.decode([t]) for t in ev.tail_token_ids[1:]]
             return c
 
         def envelope(choices: list[dict]) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from ..config import GenerationConfig
 from ..engine import Engine, RequestEvent
 
 log = logging.getLogger("tmfast.server")
+SELF_CHECK = "self-check-"  # the loop's own requests (see EngineLoop._self_check)
 
 
 class EngineUnavailable(RuntimeError):
@@ -76,6 +78,13 @@ class EngineLoop:
         self.aborts: deque[str] = deque()  # ids to abort at the next iteration (abort_soon)
         self.beat = time.monotonic()  # the heartbeat: the start of the loop's latest iteration
         self.failures = 0  # consecutive failed steps
+        # a model that can only fail must not look healthy, and hostile requests must not make a good
+        # one look broken: after failing_after requests in a row end in an engine error, a plain
+        # self-check request (one token, default settings) decides
+        self.request_failures = 0
+        self.last_request_error: str | None = None
+        self.model_broken = False
+        self._self_checks = itertools.count()
         self.last_error: str | None = None
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="tmfast-engine", daemon=True)
@@ -108,6 +117,9 @@ class EngineLoop:
             return False, f"the engine loop has not stepped for {quiet:.0f} s", "engine_stuck"
         if self.failures >= self.failing_after:
             return False, f"the last {self.failures} engine steps failed: {self.last_error}", "engine_failing"
+        if self.model_broken:  # steps run, but requests fail, and so does a plain self-check request
+            return False, (f"requests fail in the engine, a plain self-check too: {self.last_request_error}"),\
+                "engine_failing"
         return True, None, None
 
     # -- what request handlers call (any thread) -------------------------------------------
@@ -277,6 +289,8 @@ class EngineLoop:
                 log.exception("delivering an event of %s failed", getattr(ev, "request_id", "?"))
 
     def _deliver(self, ev: RequestEvent) -> None:
+        if ev.finished:
+            self._note_outcome(ev)
         sink = self.routes.get(ev.request_id)
         if sink is None:
             return
@@ -284,6 +298,29 @@ class EngineLoop:
             self.routes.pop(ev.request_id, None)
         if not sink.put(ev):  # the handler's event loop is gone: nobody reads the rest (the request
             self.routes.pop(ev.request_id, None)  # runs on to its end; HTTP handlers abort what they leave)
+
+    def _note_outcome(self, ev: RequestEvent) -> None:
+        check = ev.request_id.startswith(SELF_CHECK)
+        if ev.finish_reason in ("eos", "stop", "length"):
+            self.request_failures, self.model_broken = 0, False
+        elif ev.finish_reason == "error":
+            self.last_request_error = (ev.error or "")[:300]
+            if check:
+                self.model_broken = True
+            else:
+                self.request_failures += 1
+                if self.request_failures == self.failing_after:
+                    self._self_check()
+
+    def _self_check(self) -> None:
+        """Queue one plain request (under the loop's lock: called while delivering)."""
+        try:
+            tail = min(GenerationConfig().tail, self.engine.k_window)
+            self.engine.add_request([0], GenerationConfig(max_new_tokens=1, stop_at_eos=False, tail=tail),
+                                    request_id=f"{SELF_CHECK}{next(self._self_checks)}")
+        except Exception as e:  # noqa: BLE001 — a full queue: the next failure tries again
+            log.warning("self-check not queued (%s); the next failing request tries again", e)
+            self.request_failures -= 1
 
     def _hand_over(self) -> None:
         with self.turn:  # clients that queued up during the step go before the next one

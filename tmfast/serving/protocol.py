@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.responses import JSONResponse
 
-from ..config import ConfigError, GenerationConfig
+from ..config import ConfigError, GenerationConfig, unicode_error
 
 # API field ← GenerationConfig / engine field, so errors name what the client sent
 API_NAMES = {"max_new_tokens": "max_tokens"}
@@ -48,6 +48,13 @@ def api_name(param: str | None) -> str | None:
     return API_NAMES.get(param, param)
 
 
+def api_message(message: str) -> str:
+    """An engine or config message in the API's words (max_tokens, not max_new_tokens)."""
+    for ours, theirs in API_NAMES.items():
+        message = message.replace(ours, theirs)
+    return message
+
+
 class AsciiJSONResponse(JSONResponse):
     """JSON with non-ASCII escaped: a lone surrogate a client sent (and an error may quote)
     renders as \\ud800 instead of failing to encode as UTF-8 halfway through a response."""
@@ -63,43 +70,46 @@ def sse(payload: dict | str) -> str:
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool | None = None
-    include_obfuscation: bool | None = None  # accepted; tmfast streams no obfuscation field
+    include_usage: StrictBool | None = None
+    include_obfuscation: StrictBool | None = None  # accepted; tmfast streams no obfuscation field
 
 
+# Strict types: a JSON true is not the integer 1, "4" is not 4, "yes" is not true — what
+# GenerationConfig would reject must not be coerced into something it accepts (an int stays
+# acceptable where a number is: StrictFloat takes 2 as 2.0)
 class CompletionRequest(BaseModel):
     """The body of POST /v1/completions."""
     model_config = ConfigDict(extra="forbid")
 
     # text, several texts, one token-id prompt, or several token-id prompts
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)  # None: GenerationConfig().max_new_tokens
-    stop: str | list[str] | None = None
-    stream: bool = False
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)  # None: GenerationConfig().max_new_tokens
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     # tmfast extras (None: GenerationConfig's default)
-    tail: int | None = Field(None, ge=1)
-    guidance: float | None = None
-    alpha_max: float | None = None
-    embryo_scale: float | None = None
-    history_noise: float | None = None
-    tail_noise: float | None = None
-    return_tail: bool = False
+    tail: StrictInt | None = Field(None, ge=1)
+    guidance: StrictFloat | None = None
+    alpha_max: StrictFloat | None = None
+    embryo_scale: StrictFloat | None = None
+    history_noise: StrictFloat | None = None
+    tail_noise: StrictFloat | None = None
+    return_tail: StrictBool = False
     # OpenAI fields: Token Maturation decodes by nearest neighbour (no softmax, no sampling),
     # so sampling settings are accepted and ignored; the rest must keep their defaults
-    temperature: float | None = None
-    top_p: float | None = None
-    user: str | None = None
-    n: int | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
-    echo: bool | None = None
-    suffix: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    user: StrictStr | None = None
+    n: StrictInt | None = None
+    best_of: StrictInt | None = None
+    logprobs: StrictInt | None = None
+    echo: StrictBool | None = None
+    suffix: StrictStr | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    logit_bias: dict[StrictStr, StrictFloat] | None = None
 
 
 def check_supported(body: CompletionRequest) -> None:
@@ -144,7 +154,7 @@ def generation_config(body: CompletionRequest, k_window: int) -> GenerationConfi
             stop=stop_strings(body.stop), alpha_max=body.alpha_max, embryo_scale=body.embryo_scale,
             history_noise=body.history_noise, tail_noise=body.tail_noise)
     except ConfigError as e:
-        raise ApiError(400, str(e), api_name(e.param), code="invalid_value") from None
+        raise ApiError(400, api_message(str(e)), api_name(e.param), code="invalid_value") from None
     except (ValueError, TypeError, OverflowError) as e:  # a setting the config could not even compare
         raise ApiError(400, f"invalid generation settings: {e}", None, code="invalid_value") from None
 
@@ -162,11 +172,7 @@ def split_prompts(prompt) -> list[str | list[int]]:
 
 def is_unicode(text: str) -> bool:
     """False for a str holding lone surrogates (JSON's "\\ud800"): not text any tokenizer takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return unicode_error(text) is None
 
 
 def openai_finish_reason(reason: str | None) -> str | None:
@@ -181,6 +187,9 @@ def validation_error(errors: list[dict]) -> ApiError:
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None
     kind = err.get("type")
+    if kind == "missing" and not loc:
+        return ApiError(400, "the request body is empty: send a JSON object with a prompt", "prompt",
+                        code="missing_body")
     if kind == "json_invalid":
         return ApiError(400, "request body is not valid JSON", code="invalid_json")
     if kind == "extra_forbidden":
