@@ -4,7 +4,7 @@
     python -m evals                                        # the same
     tmfast-eval --maturation DIR --ar DIR --judge DIR|hf:PATH \
         [--prompts FILE | --prompts val] [--num-prompts 100] [--prompt-tokens 32] \
-        [--max-new-tokens 64] [--seed 0] [--out bench/results/quality] [--traces 2]
+        [--max-new-tokens 64] [--seed 0] [--out bench/results] [--traces 2]
 
 Every method continues the same prompts for exactly --max-new-tokens tokens (EOS is an
 ordinary token here, so lengths are equal and Dist/Rep compare like with like; --stop-at-eos
@@ -89,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--impl", choices=("auto", "triton", "torch"), default=None)
-    p.add_argument("--out", default="bench/results/quality", help="writes OUT.md and OUT.json")
+    p.add_argument("--out", default="bench/results", metavar="DIR",
+                   help="writes DIR/quality.md, DIR/quality.json and the traces in DIR/traces/ ('' : stdout only)")
     p.add_argument("--traces", type=int, default=2, help="also trace the first N prompts (0: off)")
     p.add_argument("--trace-tail", type=int, default=16)
     p.add_argument("--trace-tau", type=float, nargs="+", default=[1.0, 0.05],
@@ -164,11 +165,11 @@ def run(args, out=None) -> int:
     out.write(head + "\n\n" + table + "\n")
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k not in ("func",)}
-        md, js = write_quality(args.out, head, table, settings, rows, prompts, tok, wall)
+        md, js = write_quality(Path(args.out) / "quality", head, table, settings, rows, prompts, tok, wall)
         log(f"wrote {md} and {js} ({wall:.0f} s)")
     if args.traces > 0 and mat_model is not None:
         from .traces import plot_traces, record_traces
-        tdir = Path(args.out).parent / "traces" if args.out else Path("traces")
+        tdir = Path(args.out) / "traces" if args.out else Path("traces")
         # the published dynamics (no noise), like the grid rows: noise would only add jitter to the figures
         gens = [GenerationConfig(max_new_tokens=args.max_new_tokens, tail=min(args.trace_tail, mat_model.config.k_max),
                                  guidance=s, alpha_max=a, seed=sample_seed(args.seed, 0), stop_at_eos=False,

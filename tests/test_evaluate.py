@@ -104,11 +104,11 @@ def test_end_to_end_tiny(tmp_path, tok, capsys):
             str(tmp_path / "prompts.txt"), "--max-new-tokens", "8", "--tails", "4", "64", "--guidance", "1", "2",
             "--alpha-max", "1", "0.5", "--best-of", "3",
             "--maturation-row", '{"name": "noisy", "tail": 4, "alpha_max": 0.7, "tail_noise": 0.5, "history_noise": 0.5}',
-            "--out", str(tmp_path / "out" / "q"), "--traces", "1",
+            "--out", str(tmp_path / "out"), "--traces", "1",
             "--trace-tail", "4", "--trace-tau", "1"]
     assert main(argv) == 0
     first = capsys.readouterr().out
-    doc = json.loads((tmp_path / "out" / "q.json").read_text())
+    doc = json.loads((tmp_path / "out" / "quality.json").read_text())  # --out is a directory
     names = [m["name"] for m in doc["methods"]]
     assert names[:4] == ["AR greedy", "AR greedy + rep. penalty 1.2", "AR nucleus p=0.9", "AR best-of-3 (judge rerank)"]
     assert len(names) == 4 + 2 * 2 * 2 + 2 and names[-1] == "noisy" and "engine defaults" in names[-2]
@@ -122,7 +122,8 @@ def test_end_to_end_tiny(tmp_path, tok, capsys):
         assert m["skipped"] is None and len(m["samples"]) == 2
         assert all(len(s["token_ids"]) == 8 for s in m["samples"])
         assert m["metrics"]["judge_ppl"] > 1 and 0 < m["metrics"]["dist1"] <= 1
-    assert (tmp_path / "out" / "q.md").read_text().strip() in first.strip()
+    assert (tmp_path / "out" / "quality.md").read_text().strip() in first.strip()
+    assert list((tmp_path / "out" / "traces").iterdir())
     for name in ("entropy.png", "flicker.png", "displacement.png", "traces.json"):
         assert (tmp_path / "out" / "traces" / name).stat().st_size > 0
     assert main(argv[:-6] + ["--traces", "0"]) == 0  # the same seed gives the same table

@@ -312,7 +312,7 @@ def test_stage2_ar_baseline_is_gpt2_itself(recipe):
 
 def test_stage3_makes_the_papers_table(recipe):
     paper = load_json(PAPER)
-    q = recipe["work"] / recipe["quality"]
+    q = recipe["work"] / recipe["quality"] / "quality"  # --out is a directory
     doc = json.loads(q.with_suffix(".json").read_text())
     assert f"judge: hf:{recipe['hub']['hf:gpt2-large']}" in doc["header"]
     rows = {m["name"]: m for m in doc["methods"]}
