@@ -4,7 +4,8 @@
     python -m evals                                        # the same
     tmfast-eval --maturation DIR --ar DIR --judge DIR|hf:PATH \
         [--prompts FILE | --prompts val] [--num-prompts 100] [--prompt-tokens 32] \
-        [--max-new-tokens 64] [--seed 0] [--out bench/results] [--traces 2]
+        [--max-new-tokens 64] [--seed 0] [--out bench/results] [--traces 2] \
+        [--device cuda] [--dtype bfloat16] [--batch-size 64]
 
 Every method continues the same prompts for exactly --max-new-tokens tokens (EOS is an
 ordinary token here, so lengths are equal and Dist/Rep compare like with like; --stop-at-eos
@@ -86,7 +87,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--best-of", type=int, default=16, help="candidates for the reranked baseline (<2: off)")
     p.add_argument("--stop-at-eos", action="store_true", help="end a continuation at EOS (default: fixed length)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="prompts generated (and scored) together")
+    p.add_argument("--device", default="cpu", help="torch device for generation and the judge: cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="weights of every model (the maturation tail stays float32; default: bfloat16 on CUDA, "
+                        "float32 elsewhere)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar over the table's rows on stderr (default: when stderr is a terminal)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--impl", choices=("auto", "triton", "torch"), default=None)
     p.add_argument("--out", default="bench/results", metavar="DIR",
@@ -112,14 +119,24 @@ def settings_from(args, extra_rows: list[tuple[str, dict]]) -> QualitySettings:
                            default_row=not args.no_default_row)
 
 
-def _load(spec: str | None):
+def _load(spec: str | None, device: str = "cpu", dtype=None):
     if spec is None or spec.lower() == "none":
         return None, None
     from tmfast.checkpoint import CheckpointError, load_checkpoint
     try:
-        return load_checkpoint(spec)
+        return load_checkpoint(spec, device=device, dtype=dtype)
     except CheckpointError as e:
         raise EvalError(str(e)) from None
+
+
+def _device_dtype(args) -> tuple[str, torch.dtype]:
+    """The device asked for (checked now, in one line) and the weights' dtype."""
+    try:
+        torch.empty(1, device=args.device)
+    except Exception as e:  # noqa: BLE001 — unknown device, no CUDA build, no GPU
+        raise EvalError(f"--device {args.device}: not available here ({str(e).splitlines()[0]})") from None
+    name = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
+    return args.device, getattr(torch, name)
 
 
 def run(args, out=None) -> int:
@@ -128,12 +145,13 @@ def run(args, out=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    mat_model, mat_tok = _load(args.maturation)
+    device, dtype = _device_dtype(args)
+    mat_model, mat_tok = _load(args.maturation, device, dtype)
     if mat_model is not None:  # a row the model cannot run fails before anything runs
         for name, row in extra:
             if row.get("tail", GenerationConfig().tail) > mat_model.config.k_max:
                 raise EvalError(f"{name}: tail > the model's k_max={mat_model.config.k_max}")
-    ar_model, ar_tok = _load(args.ar)
+    ar_model, ar_tok = _load(args.ar, device, dtype)
     if mat_model is None and ar_model is None:
         raise EvalError("nothing to evaluate: give --maturation and/or --ar")
     tok = mat_tok if mat_tok is not None else ar_tok
@@ -145,7 +163,7 @@ def run(args, out=None) -> int:
         if judge_spec == args.ar and ar_model is not None:  # the AR baseline judges: no second load
             judge = TmfastJudge(ar_model, ar_tok, display_path(judge_spec))
         else:
-            judge = load_judge(judge_spec)
+            judge = load_judge(judge_spec, device, dtype, batch_size=args.batch_size)
     from_val = args.prompts == "val"
     if from_val:
         prompts = validation_prompts(args.maturation if mat_model is not None else args.ar, tok, args.num_prompts,
@@ -155,7 +173,9 @@ def run(args, out=None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"evaluating {len(prompts)} prompts × {args.max_new_tokens} new tokens")
     t0 = time.perf_counter()
-    rows = evaluate(mat_model, mat_tok, ar_model, ar_tok, judge, prompts, settings_from(args, extra), log=log)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    rows = evaluate(mat_model, mat_tok, ar_model, ar_tok, judge, prompts, settings_from(args, extra), log=log,
+                    progress=progress)
     wall = time.perf_counter() - t0
 
     head = table_header(len(prompts), "validation split" if from_val else args.prompts,

@@ -47,27 +47,40 @@ class TmfastJudge:
 class HFJudge:
     """Any Hugging Face causal LM: texts are re-tokenised with its own tokenizer."""
 
-    def __init__(self, name_or_path: str):
+    def __init__(self, name_or_path: str, device="cpu", dtype=None, batch_size: int = 16):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         self.name = f"hf:{name_or_path}"
         self.tok = AutoTokenizer.from_pretrained(name_or_path)
-        self.model = AutoModelForCausalLM.from_pretrained(name_or_path).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
+        self.batch_size = batch_size
 
     @torch.no_grad()
     def nll_text(self, pairs: list[tuple[str, str]]) -> list[tuple[float, int]]:
+        """Scored batch_size pairs at a time, right-padded (causal: a position never sees the
+        padding after it), on the model's device; the log-softmax in fp32."""
         n_pos = getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
-        out = []
-        for p, c in pairs:
+        dev = next(self.model.parameters()).device
+        out: list[tuple[float, int] | None] = [None] * len(pairs)
+        todo = []
+        for i, (p, c) in enumerate(pairs):
             pi, ci = self.tok(p)["input_ids"], self.tok(c)["input_ids"]
             if not ci:
-                out.append((0.0, 0))
-                continue
-            ids = (pi + ci)[-(n_pos + 1):]
-            x = torch.tensor([ids[:-1]])
-            logp = F.log_softmax(self.model(x).logits[0].float(), -1)
-            y = torch.tensor(ids[1:])
-            nll = -logp[torch.arange(len(y)), y][-len(ci):]
-            out.append((float(nll.sum()), len(ci)))
+                out[i] = (0.0, 0)
+            else:
+                todo.append((i, (pi + ci)[-(n_pos + 1):], len(ci)))
+        for lo in range(0, len(todo), self.batch_size):
+            chunk = todo[lo:lo + self.batch_size]
+            T = max(len(ids) for _, ids, _ in chunk) - 1
+            x = torch.zeros(len(chunk), T, dtype=torch.long)
+            mask = torch.zeros(len(chunk), T, dtype=torch.long)
+            for r, (_, ids, _) in enumerate(chunk):
+                x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+                mask[r, :len(ids) - 1] = 1
+            logp = F.log_softmax(self.model(x.to(dev), attention_mask=mask.to(dev)).logits.float(), -1)
+            for r, (i, ids, n) in enumerate(chunk):
+                y = torch.tensor(ids[1:], device=dev)
+                nll = -logp[r, torch.arange(len(y), device=dev), y][-n:]
+                out[i] = (float(nll.sum()), n)
         return out
 
 
@@ -79,12 +92,12 @@ def display_path(spec: str) -> str:
         return spec
 
 
-def load_judge(spec: str):
+def load_judge(spec: str, device="cpu", dtype=None, batch_size: int = 16):
     """hf:NAME_OR_PATH → HFJudge; anything else is a tmfast checkpoint directory."""
     if spec.startswith("hf:"):
-        return HFJudge(spec[3:])
+        return HFJudge(spec[3:], device, dtype, batch_size)
     from tmfast.checkpoint import load_checkpoint
-    model, tok = load_checkpoint(spec)
+    model, tok = load_checkpoint(spec, device=device, dtype=dtype)
     return TmfastJudge(model, tok, display_path(spec))
 
 

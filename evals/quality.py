@@ -22,6 +22,7 @@ whatever the batch. AR baselines decode with tmfast.ar.ar_decode.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -140,10 +141,13 @@ def score_samples(samples: list[list[int]], prompts: list[Prompt], judge, tokeni
 
 
 def evaluate(mat_model, mat_tok, ar_model, ar_tok, judge, prompts: list[Prompt], settings: QualitySettings,
-             log=print) -> list[MethodResult]:
-    """Run every method on the prompts and score it; returns the rows of the table."""
+             log=print, progress: bool = False) -> list[MethodResult]:
+    """Run every method on the prompts and score it; returns the rows of the table.
+    progress: a bar over the rows on stderr (the per-row lines still go to log)."""
+    from tqdm import tqdm
     st = settings
     rows: list[MethodResult] = []
+    bar = tqdm(desc="methods", unit="row", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     tok = mat_tok if mat_tok is not None else ar_tok
     decode = dict(max_new_tokens=st.max_new_tokens, seed=st.seed, stop_at_eos=st.stop_at_eos,
                   batch_size=st.batch_size)
@@ -159,6 +163,7 @@ def evaluate(mat_model, mat_tok, ar_model, ar_tok, judge, prompts: list[Prompt],
             r.skipped = str(e)
         r.seconds = time.perf_counter() - t0
         rows.append(r)
+        bar.update(1)
         log(f"  {name}: {'skipped: ' + r.skipped if r.skipped else f'{r.seconds:.1f} s'}")
 
     def mature(row_settings):
@@ -205,8 +210,10 @@ def evaluate(mat_model, mat_tok, ar_model, ar_tok, judge, prompts: list[Prompt],
                              f"tail_noise={d.tail_noise:g} history_noise={d.history_noise:g})", {}))
         for name, row in extra:
             add(name, "maturation", row, lambda row=row: mature(row))
+    bar.set_description("scoring")
     for r in rows:
         if r.skipped:
             continue
         r.metrics = score_samples(r.samples, prompts, judge, tok)
+    bar.close()
     return rows

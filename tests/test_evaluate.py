@@ -207,3 +207,37 @@ def test_validation_split_is_the_one_training_shards(tmp_path, tok):
     assert checkpoint_validation_documents(tmp_path / "ckpt") == docs
     with pytest.raises(EvalError):
         checkpoint_validation_documents(tmp_path)
+
+
+def test_the_evaluation_runs_in_bfloat16_and_says_when_a_device_is_missing(tmp_path, tok, capsys):
+    save_checkpoint(tiny_model(vocab_size=257, eos_token_id=0, seed=0), tmp_path / "mat", tok)
+    save_checkpoint(tiny_model(vocab_size=257, eos_token_id=0, seed=1), tmp_path / "ar", tok)
+    (tmp_path / "prompts.txt").write_text("In the beginning\nAnd God said\n")
+    argv = ["--maturation", str(tmp_path / "mat"), "--ar", str(tmp_path / "ar"), "--prompts",
+            str(tmp_path / "prompts.txt"), "--max-new-tokens", "6", "--tails", "4", "--guidance", "1",
+            "--alpha-max", "1", "--best-of", "2", "--out", str(tmp_path / "out"), "--traces", "0"]
+    assert main(argv + ["--device", "cpu", "--dtype", "bfloat16", "--progress"]) == 0
+    doc = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert doc["settings"]["dtype"] == "bfloat16"
+    assert all(m["skipped"] is None and m["metrics"]["judge_ppl"] > 1 for m in doc["methods"])
+    assert "methods" in capsys.readouterr().err  # the progress bar
+    assert main(argv + ["--device", "nonsense"]) == 2
+    assert "--device nonsense" in capsys.readouterr().err
+
+
+def test_the_hugging_face_judge_scores_in_batches_as_it_does_one_by_one(tmp_path):
+    """Right-padded batches with an attention mask give each pair the NLL it gets alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from evals.judges import HFJudge
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2,
+                               n_head=2)).save_pretrained(tmp_path / "hf")
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "hf")
+    pairs = [("In the beginning", " God created"), ("And", " it came to pass that"), ("x", ""),
+             ("Blessed are the meek, for", " they")]
+    batched = HFJudge(str(tmp_path / "hf"), batch_size=4).nll_text(pairs)
+    alone = HFJudge(str(tmp_path / "hf"), batch_size=1).nll_text(pairs)
+    assert [n for _, n in batched] == [n for _, n in alone] and batched[2] == (0.0, 0)
+    assert all(abs(a - b) < 1e-4 for (a, _), (b, _) in zip(batched, alone))

@@ -76,9 +76,9 @@ def config_of(argv: list[str]) -> str:
 
 
 def train_args(argv: list[str], overrides: dict) -> list[str]:
-    """`python -m train` / `torchrun ... -m train` arguments: the config made absolute (the run
+    """`python -m train[.data]` / `torchrun ... -m train` arguments: the config made absolute (the run
     happens in a scratch dir), then the toy overrides of keys the command does not set itself."""
-    args = argv[argv.index("train") + 1:]
+    args = argv[argv.index("-m") + 2:]  # after `-m train` / `-m train.data`
     i = args.index("--config")
     args[i + 1] = str(ROOT / args[i + 1])
     given = {a[2:].split("=", 1)[0] for a in args if a.startswith("--") and "=" in a}
@@ -169,9 +169,10 @@ def recipe(tmp_path_factory):
             t0 = time.perf_counter()
 
         # stage 0: the shards, one process
-        prep = the_command("stage-0 data", lambda c: c[:3] == ["python", "-m", "train"])
+        from train.data import main as data_main
+        prep = the_command("stage-0 data", lambda c: c[:3] == ["python", "-m", "train.data"])
         assert config_of(prep) == PAPER
-        assert train_main(train_args(prep, overrides)) == 0
+        assert data_main(train_args(prep, overrides)) == 0
         out["data_dirs"] = sorted(p.name for p in (work / "data").iterdir())
         out["meta_mtime"] = [p.stat().st_mtime_ns for p in (work / "data").glob("*/meta.json")]
         lap("stage 0")

@@ -550,3 +550,41 @@ def test_init_from_hugging_face_gpt2_directory(work, ar_ckpt):
     assert mtok.encode("And God said").ids == tok.encode("And God said").ids
     hf = GPT2LMHeadModel.from_pretrained(hf_dir)
     assert torch.allclose(model.blocks[1].ln_2.weight, hf.transformer.h[1].ln_2.weight, atol=0.05)
+
+
+# -- compiled training ------------------------------------------------------------------
+@pytest.mark.parametrize("objective", ["maturation", "ar"])
+def test_compiled_training_matches_eager(work, ar_ckpt, objective):
+    """compile: true (torch.compile of the objective, inductor on the CPU) trains the same model
+    as eager, up to float reassociation."""
+    common = {**TINY, "objective": objective, "data_dir": str(work / f"data_c_{objective}"), "max_steps": 2,
+              "eval_interval": 0, "ckpt_interval": 0, "uncond_prob": 0.5,
+              **({"init_from": str(ar_ckpt)} if objective == "maturation" else {})}
+    runs = {}
+    for compiled in (False, True):
+        out = work / f"compile_{objective}_{compiled}"
+        assert train(config_from(None, {**common, "compile": compiled, "out_dir": str(out)})) == 0
+        runs[compiled] = load_file(str(out / "model.safetensors"))
+    for k in runs[False]:
+        torch.testing.assert_close(runs[True][k], runs[False][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_compiled_training_under_torchrun_two_ranks(work, ar_ckpt):
+    common = {**TINY, "objective": "maturation", "init_from": str(ar_ckpt), "data_dir": str(work / "data_m"),
+              "max_steps": 2, "grad_accum": 2, "eval_interval": 0, "ckpt_interval": 0, "uncond_prob": 0.5,
+              "compile": True}
+    args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in common.items()]
+    single = work / "cddp1"
+    assert train(config_from(None, {**common, "out_dir": str(single)})) == 0
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = work / "cddp2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "train", *args, f"--out_dir={two}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_file(str(single / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

