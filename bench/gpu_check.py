@@ -19,7 +19,10 @@ what it measured):
                 device and shape; compile times; achieved fraction of the byte floor
   profile       kernels per step, GPU-busy fraction (torch.profiler) and the cudagraph-skip
                 counter for the default serving configuration
-(the paper-scale issue adds a training section here.)
+  training      the training step at the GPT-2-Medium shape (maturation objective, the recipe's;
+                bf16 autocast), eager and compiled: tokens/s, MFU against the measured bf16 matmul
+                peak, peak memory, compile time (bench/train_throughput.py's measure(); up to
+                200 steps each, within the budget) — the figures the recipe's time and cost need
 
 --smoke runs every section at toy size on whatever device there is: on a machine without CUDA the
 Triton kernels run under TRITON_INTERPRET=1 (fp32/fp16 only) and nothing is timed meaningfully;
@@ -454,8 +457,25 @@ def section_profile(ctx) -> tuple[str, list]:
     return text, {"rows": rows, "cudagraph_skips": skips}
 
 
+def section_training(ctx) -> tuple[str, list]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_throughput import markdown, measure
+    cuda = ctx.dev.type == "cuda"
+    shape, dtype = ("toy", "float32") if ctx.smoke else ("medium", "bfloat16" if cuda else "float32")
+    batch, block, steps = (2, 32, 2) if ctx.smoke else (8, 1024, 200)
+    rows = []
+    for compiled in (False, True):
+        ctx.budget_check(120 if compiled else 45)
+        spend = max(20.0, min(90.0, ctx.budget.left() - 60))
+        rows.append(measure(shape, "maturation", compiled, ctx.dev, dtype, batch, block, steps, budget_s=spend))
+    text = (f"maturation objective, {shape} shape, {dtype}{' autocast' if dtype == 'bfloat16' else ''}, "
+            f"batch {batch} × {block}; median step after 2 warm-up steps (compiled: the compile is in "
+            f"compile_s); MFU = (6 N + 12 L d T) × tokens/s ÷ the measured matmul peak.\n\n") + markdown(rows)
+    return text, rows
+
+
 SECTIONS = {"environment": section_environment, "kernels": section_kernels, "engine": section_engine,
-            "steps": section_steps, "profile": section_profile}
+            "steps": section_steps, "profile": section_profile, "training": section_training}
 
 
 class Context:

@@ -78,10 +78,23 @@ class MicroBatch:
     embryo: torch.Tensor | None = None  # (b, 2K-1, d) unit-variance embryos of that unroll
     jitter: torch.Tensor | None = None  # (b, K-1, K, d) unit-variance tail noise of that unroll
 
+    # plain bools, decided on the host when the batch is made (None: work them out): under
+    # torch.compile a data-dependent branch on a tensor is a graph break, a bool attribute of the
+    # input a guarded constant
+    any_uncond: bool | None = None
+    any_self_cond: bool | None = None
+
+    def __post_init__(self):
+        if self.any_uncond is None:
+            self.any_uncond = self.uncond is not None and bool(self.uncond.any())
+        if self.any_self_cond is None:
+            self.any_self_cond = self.self_cond is not None and bool(self.self_cond.any())
+
     def to(self, device) -> "MicroBatch":
         f = lambda t: None if t is None else t.to(device)  # noqa: E731
         return MicroBatch(f(self.ids), self.k, f(self.start), f(self.uncond), f(self.noise), f(self.neg),
-                          f(self.weight), f(self.self_cond), f(self.embryo), f(self.jitter))
+                          f(self.weight), f(self.self_cond), f(self.embryo), f(self.jitter),
+                          self.any_uncond, self.any_self_cond)
 
     def slice(self, lo: int, hi: int) -> "MicroBatch":
         f = lambda t: None if t is None else t[lo:hi]  # noqa: E731
@@ -172,7 +185,7 @@ class Objective(nn.Module):
         s_ = s.to(dev, z.dtype).view(1, K, 1)
         z = z.clone()
         tail = s_ * clean + (1 - s_) * noise
-        if mb.self_cond is not None and bool(mb.self_cond.any()):
+        if mb.any_self_cond:
             jit = None if mb.jitter is None else mb.jitter.to(dev, z.dtype)
             own = self.unrolled_tail(z, mb.start.to(dev), K, a.to(dev), mb.embryo.to(dev, z.dtype), jit)
             tail = torch.where(mb.self_cond.to(dev).view(b, 1, 1), own, tail)
@@ -181,7 +194,7 @@ class Objective(nn.Module):
         alpha[rows, slots] = a.to(dev, alpha.dtype).view(1, K).expand(b, K)
         kvec = torch.full((b,), K, dtype=torch.long, device=dev)
         mask = causal_mask(T, dev).view(1, 1, T, T).expand(b, 1, T, T)
-        if bool(mb.uncond.any()):
+        if mb.any_uncond:
             mask = torch.where(mb.uncond.to(dev).view(b, 1, 1, 1), tail_only_mask(T, mb.start.to(dev)), mask)
         return z, alpha, kvec, mask
 
