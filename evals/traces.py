@@ -111,6 +111,13 @@ def summarize_traces(runs: list[dict], taus) -> list[dict]:
     return out
 
 
+def _printable(text: str) -> str:
+    """A token's text for a figure: newlines as ⏎, other control characters as \\xNN (the
+    fonts have no glyph for them)."""
+    text = text.replace("\n", "⏎")
+    return "".join(c if c.isprintable() or c == " " else f"\\x{ord(c):02x}" for c in text)
+
+
 def plot_traces(data: dict, out_dir: str | Path, flicker_positions: int = 16) -> list[Path]:
     """The three PNGs (and traces.json) into out_dir."""
     import matplotlib
@@ -164,7 +171,7 @@ def plot_traces(data: dict, out_dir: str | Path, flicker_positions: int = 16) ->
         ax.imshow(grid, aspect="auto", cmap="RdYlGn", vmin=-0.6, vmax=1.3, origin="lower")
         for x, p in enumerate(pos):
             for m in range(K):
-                s = tt.get(str(p["top1"][m]), "?").replace("\n", "⏎")[:7]
+                s = _printable(tt.get(str(p["top1"][m]), "?"))[:7]
                 ax.text(x, m, s, ha="center", va="center", fontsize=7)
         ax.set_yticks(range(K), [str(m + 1) for m in range(K)], fontsize=6)
         ax.set_xticks(range(len(pos)), [str(p["q"]) for p in pos], fontsize=7)
