@@ -203,7 +203,7 @@ def _gen_config(args) -> GenerationConfig:
 
 def inert_note(args, gen: GenerationConfig) -> str | None:
     """The flags given that cannot change the text at these settings: at α_max = 1 the front is the
-    prediction from history, so nothing in the tail reaches a commit (README, "How a step works")."""
+    prediction from history, so nothing in the tail reaches a commit (docs/how_a_step_works.md)."""
     if gen.alpha_profile()[0] < 1.0:
         return None
     given = [flag for flag in ("--guidance", "--alpha-min", "--embryo-scale")
