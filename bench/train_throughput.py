@@ -11,8 +11,9 @@ is the matmul rate measured on this device in the step's dtype (a dense n×n mm)
 figure, so MFU here says how close the step comes to what this device's matmuls reach. Random
 weights and random token data: throughput does not depend on them. The maturation rows train from
 a table at a fixed radius (frozen), as the recipe does; the AR rows train the table too.
-Compiled maturation steps draw a tail length K per step, and each new K compiles another graph
-(K is specialised; "graphs" counts them), so its median mixes compiles into the steps.
+Compiled maturation steps draw a tail length K per step; K is marked a dynamic size
+(train.objectives.mark_dynamic_tail), so K = 1 and K ≥ 2 compile one graph each ("graphs" counts
+them) — a median over few steps may still hold a compile.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def measure(shape: str, objective: str, compiled: bool, dev, dtype_name: str = "
     """One configuration's training step: median step time over `steps` after `warmup` (the first
     compiled steps compile), tokens/s, MFU against the measured matmul peak, peak device memory."""
     from train.config import config_from
-    from train.objectives import Objective, plan_step
+    from train.objectives import Objective, mark_dynamic_tail, plan_step
     L, H, d, V, T = SHAPES[shape]
     T = min(T, block or T)
     mc = ModelConfig(vocab_size=V, n_positions=T, n_layer=L, n_head=H, n_embd=d, k_max=min(16, T - 1),
@@ -90,7 +91,8 @@ def measure(shape: str, objective: str, compiled: bool, dev, dtype_name: str = "
     times, t_start = [], time.perf_counter()
     for i in range(warmup + steps):
         mb = plan_step(tc, data, i, d, V, 1, batch)[0]
-        mb.ids = mb.ids.to(dev)
+        if compiled:
+            mark_dynamic_tail(mb)
         sync(dev)
         t0 = time.perf_counter()
         with amp:

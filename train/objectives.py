@@ -77,6 +77,8 @@ class MicroBatch:
     self_cond: torch.Tensor | None = None  # (b,) bool: tail from the unrolled engine dynamics
     embryo: torch.Tensor | None = None  # (b, 2K-1, d) unit-variance embryos of that unroll
     jitter: torch.Tensor | None = None  # (b, K-1, K, d) unit-variance tail noise of that unroll
+    alpha: torch.Tensor | None = None  # (K,) the α ramp of this K (made on the host, shared by rows)
+    share: torch.Tensor | None = None  # (K,) the signal share s_j of each slot
 
     # plain bools, decided on the host when the batch is made (None: work them out): under
     # torch.compile a data-dependent branch on a tensor is a graph break, a bool attribute of the
@@ -93,13 +95,13 @@ class MicroBatch:
     def to(self, device) -> "MicroBatch":
         f = lambda t: None if t is None else t.to(device)  # noqa: E731
         return MicroBatch(f(self.ids), self.k, f(self.start), f(self.uncond), f(self.noise), f(self.neg),
-                          f(self.weight), f(self.self_cond), f(self.embryo), f(self.jitter),
-                          self.any_uncond, self.any_self_cond)
+                          f(self.weight), f(self.self_cond), f(self.embryo), f(self.jitter), f(self.alpha),
+                          f(self.share), self.any_uncond, self.any_self_cond)
 
     def slice(self, lo: int, hi: int) -> "MicroBatch":
         f = lambda t: None if t is None else t[lo:hi]  # noqa: E731
         return MicroBatch(self.ids[lo:hi], self.k, f(self.start), f(self.uncond), f(self.noise), self.neg,
-                          f(self.weight), f(self.self_cond), f(self.embryo), f(self.jitter))
+                          f(self.weight), f(self.self_cond), f(self.embryo), f(self.jitter), self.alpha, self.share)
 
 
 def plan_step(cfg, data, step: int, d: int, vocab: int, micro: int, n: int, seed_stream: int = 0):
@@ -139,8 +141,19 @@ def plan_step(cfg, data, step: int, d: int, vocab: int, micro: int, n: int, seed
             embryo = torch.randn(n, 2 * K - 1, d, generator=gen)
             if cfg.unroll_tail_noise > 0:
                 jitter = torch.randn(n, max(K - 1, 0), K, d, generator=gen)
-        out.append(MicroBatch(ids, K, start, uncond, noise, neg, w, self_cond, embryo, jitter))
+        out.append(MicroBatch(ids, K, start, uncond, noise, neg, w, self_cond, embryo, jitter, a,
+                              signal_share(a, cfg.corruption)))
     return out
+
+
+def mark_dynamic_tail(mb: MicroBatch) -> None:
+    """Before a compiled objective sees mb: the tail length K (drawn per step) is a dynamic size,
+    so one graph serves every K ≥ 2 instead of one graph per K (K = 1 stays its own)."""
+    if mb.noise is None or mb.noise.shape[1] < 2:
+        return
+    for t, dim in ((mb.noise, 1), (mb.alpha, 0), (mb.share, 0)):
+        if t is not None:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 class Objective(nn.Module):
@@ -173,11 +186,11 @@ class Objective(nn.Module):
         x = mb.ids[:, :-1]
         b, T = x.shape
         dev = m.table.weight.device
-        K = mb.k
+        K = mb.noise.shape[1]  # a size, not mb.k: under compile it may be dynamic (mark_dynamic_tail)
         z = m.table(x)
         R = m.config.table_radius
-        a = alpha_ramp(K, cfg.alpha_max, cfg.alpha_min)
-        s = signal_share(a, cfg.corruption)
+        a = mb.alpha if mb.alpha is not None else alpha_ramp(K, cfg.alpha_max, cfg.alpha_min)
+        s = mb.share if mb.share is not None else signal_share(a, cfg.corruption)
         slots = mb.start.view(b, 1) + torch.arange(K, device=dev).view(1, K)  # (b,K) positions of the tail
         rows = torch.arange(b, device=dev).view(b, 1).expand(b, K)
         clean = z[rows, slots]
@@ -280,7 +293,7 @@ class Objective(nn.Module):
             t = torch.arange(T, device=y.device).view(1, T)
             P = mb.start.to(y.device).view(-1, 1)
             front = (t == P - 1).float()
-            tail = ((t >= P - 1) & (t <= P + mb.k - 2)).float()
+            tail = ((t >= P - 1) & (t <= P + mb.noise.shape[1] - 2)).float()
             stats = {"loss": loss.detach(), "mse": (mse * w).sum(), "nce": (nce * w).sum(), "weight": w.sum(),
                      "acc": (nn_ok * w).sum(), "front_acc": (nn_ok * front).sum(), "front_n": front.sum(),
                      "tail_acc": (nn_ok * tail).sum(), "tail_n": tail.sum()}

@@ -31,7 +31,7 @@ from tmfast.model import TMModel
 
 from . import data as data_mod
 from .config import TrainConfig, parse_args, resume_changes
-from .objectives import Objective, plan_step, summarise
+from .objectives import Objective, mark_dynamic_tail, plan_step, summarise
 
 # Tests set TMFAST_TRAIN_KILL_AT_STEP to SIGKILL the process right after that optimiser step.
 _KILL_AT = int(os.environ.get("TMFAST_TRAIN_KILL_AT_STEP", "0")) or None
@@ -481,6 +481,8 @@ def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
         tot: dict = {}
         for i, mb in enumerate(plans):
             mine = mb.slice(dist.rank * b, (dist.rank + 1) * b)
+            if cfg.compile:
+                mark_dynamic_tail(mine)
             sync = dist.on and i < len(plans) - 1
             with (fwd.no_sync() if sync else contextlib.nullcontext()), amp:
                 loss, st = fwd(mine)
