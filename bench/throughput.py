@@ -417,36 +417,14 @@ def section_breakdown(model, args, dev, peaks):
 # train: maturation vs AR objective
 # --------------------------------------------------------------------------------------
 def section_train(model, args, dev):
-    import numpy as np  # the train extra
-
-    from train.config import config_from
-    from train.objectives import Objective, plan_step
+    from train_throughput import measure  # the one training-step measurement (bench/train_throughput.py)
     cfg = model.config
     T = min(128, cfg.n_positions)
-    data = np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000).astype(np.uint16)
+    shape = (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, T)
     rows = []
     for obj in ("ar", "maturation"):
-        tc = config_from(None, {"objective": obj, "init_from": "x" if obj == "maturation" else "scratch",
-                                "block_size": T, "batch_size": args.train_batch, "k_max": min(cfg.k_max, T - 1),
-                                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd})
-        torch.manual_seed(0)
-        m = TMModel(ModelConfig(**{**cfg.to_dict(), "table_trainable": obj == "ar",
-                                   "table_normalised": obj != "ar"})).to(dev).train()
-        objective = Objective(m, tc)
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-        step = [0]
-
-        def one():
-            mb = plan_step(tc, data, step[0], cfg.n_embd, cfg.vocab_size, 1, args.train_batch)[0]
-            mb.ids = mb.ids.to(dev)
-            step[0] += 1
-            loss, stats = objective(mb)
-            (loss / stats["weight"]).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        t = timeit(one, dev, reps=args.train_steps, warmup=2)
-        rows.append({"objective": obj, "step_ms": t * 1e3, "tok_s": args.train_batch * T / t})
+        r = measure(shape, obj, False, dev, batch=args.train_batch, block=T, steps=args.train_steps)
+        rows.append({"objective": obj, "step_ms": r["step_ms"], "tok_s": r["tokens_s"]})
     base = rows[0]["tok_s"]
     lines = [f"Training step (forward + backward + AdamW), batch {args.train_batch} × {T} tokens, same backbone "
              f"({cfg.n_layer} layers, d={cfg.n_embd}, V={cfg.vocab_size}), median of {args.train_steps} steps:", "",

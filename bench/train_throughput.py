@@ -30,6 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+from timing import sync  # noqa: E402
 from tmfast.config import ModelConfig  # noqa: E402
 from tmfast.model import TMModel  # noqa: E402
 
@@ -39,11 +41,6 @@ SHAPES = {  # name: (layers, heads, width, vocabulary, block)
     "medium": (24, 16, 1024, 50257, 1024),
     "toy": (2, 2, 32, 257, 32),
 }
-
-
-def sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def matmul_peak(dev, dtype, n: int | None = None) -> float:
@@ -63,13 +60,14 @@ def matmul_peak(dev, dtype, n: int | None = None) -> float:
     return 2 * n ** 3 / best
 
 
-def measure(shape: str, objective: str, compiled: bool, dev, dtype_name: str = "float32", batch: int = 8,
+def measure(shape: str | tuple, objective: str, compiled: bool, dev, dtype_name: str = "float32", batch: int = 8,
             block: int | None = None, steps: int = 5, warmup: int = 2, budget_s: float | None = None) -> dict:
     """One configuration's training step: median step time over `steps` after `warmup` (the first
-    compiled steps compile), tokens/s, MFU against the measured matmul peak, peak device memory."""
+    compiled steps compile), tokens/s, MFU against the measured matmul peak, peak device memory.
+    shape: a SHAPES name or (layers, heads, width, vocabulary, block)."""
     from train.config import config_from
     from train.objectives import Objective, mark_dynamic_tail, plan_step
-    L, H, d, V, T = SHAPES[shape]
+    L, H, d, V, T = SHAPES[shape] if isinstance(shape, str) else shape
     T = min(T, block or T)
     mc = ModelConfig(vocab_size=V, n_positions=T, n_layer=L, n_head=H, n_embd=d, k_max=min(16, T - 1),
                      table_trainable=objective == "ar", table_normalised=objective != "ar")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -105,37 +106,29 @@ def _rows(cfg) -> Iterator[dict]:
 
 def iter_documents(cfg) -> Iterator[str]:
     """The corpus's documents, in order (see the module docstring)."""
+    return itertools.islice(_documents(cfg), cfg.max_docs)
+
+
+def _documents(cfg) -> Iterator[str]:
+    """Every non-blank document of the source (max_docs not applied)."""
     builder, _ = resolve_source(cfg)
     field = cfg.text_field if builder != "text" else "text"
-    n = 0
-
-    def keep(text) -> bool:
-        return bool(text and text.strip())
-    if cfg.group_by:
-        key, cur = None, []
+    if not cfg.group_by:
         for batch in _rows(cfg):
-            keys = zip(*(batch[g] for g in cfg.group_by))
-            for k, text in zip(keys, batch[field]):
-                if k != key and cur:
-                    doc = cfg.group_sep.join(cur)
-                    if keep(doc):
-                        yield doc
-                        n += 1
-                        if cfg.max_docs is not None and n >= cfg.max_docs:
-                            return
-                    cur = []
-                key = k
-                cur.append(text)
-        if cur and keep(doc := cfg.group_sep.join(cur)):
-            yield doc
+            yield from (text for text in batch[field] if text and text.strip())
         return
+    key, cur = None, []
     for batch in _rows(cfg):
-        for text in batch[field]:
-            if keep(text):
-                yield text
-                n += 1
-                if cfg.max_docs is not None and n >= cfg.max_docs:
-                    return
+        for k, text in zip(zip(*(batch[g] for g in cfg.group_by)), batch[field]):
+            if k != key and cur:
+                doc = cfg.group_sep.join(cur)
+                if doc.strip():
+                    yield doc
+                cur = []
+            key = k
+            cur.append(text)
+    if cur and (doc := cfg.group_sep.join(cur)).strip():
+        yield doc
 
 
 def count_documents(cfg) -> int:
